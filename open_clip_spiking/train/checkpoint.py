@@ -2,15 +2,18 @@
 
 Two files per checkpoint, both loadable without unpickling arbitrary objects:
 
-* ``NAME.safetensors``: the model weights with open_clip key names, plus string metadata
-  (``model_name``, ``model_cfg`` and ``args`` as JSON). ``open_clip.create_model(name,
-  pretrained="NAME.safetensors")`` loads it.
+* ``NAME.safetensors`` (or ``NAME.pt``): the model weights with open_clip key names, plus
+  ``model_name``, ``model_cfg`` and ``args``. In a safetensors file these are string metadata holding
+  JSON; a ``.pt`` file is the dict ``{"state_dict": ..., "model_name": ..., "model_cfg": JSON,
+  "args": JSON}`` that ``torch.load(weights_only=True)`` reads. ``open_clip.create_model(name,
+  pretrained=PATH)`` loads either.
 * ``NAME.state.pt``: optimiser, scheduler, step, epoch and RNG states for ``--resume``, read with
   ``torch.load(weights_only=True)``.
 
 Each file is written to a temporary name in the same folder and renamed, so a crash never leaves a
 half-written checkpoint under the final name.
 """
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +27,7 @@ from safetensors.torch import save_file
 
 _logger = logging.getLogger(__name__)
 
-WEIGHTS_SUFFIX = ".safetensors"
+WEIGHTS_SUFFIXES = (".safetensors", ".pt")
 STATE_SUFFIX = ".state.pt"
 
 
@@ -38,15 +41,9 @@ def _atomic_write(path: Path, write) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
-        with_suppressed_unlink(tmp_name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
         raise
-
-
-def with_suppressed_unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def save_weights(
@@ -56,8 +53,10 @@ def save_weights(
         model_cfg: Dict[str, Any],
         args: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Write weights and the config that rebuilds them to a ``.safetensors`` file, atomically."""
+    """Write weights and the config that rebuilds them, atomically; the suffix picks the format."""
     path = Path(path)
+    if path.suffix not in WEIGHTS_SUFFIXES or path.name.endswith(STATE_SUFFIX):
+        raise ValueError(f"checkpoint path {path} must end in .safetensors or .pt (but not {STATE_SUFFIX})")
     # safetensors refuses tensors that share memory; clone each one into its own storage.
     tensors = {key: value.detach().to("cpu").contiguous().clone() for key, value in state_dict.items()}
     metadata = {
@@ -66,7 +65,11 @@ def save_weights(
         "model_cfg": json.dumps(model_cfg, sort_keys=True),
         "args": json.dumps(args or {}, sort_keys=True, default=str),
     }
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    if path.suffix == ".safetensors":
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    else:
+        payload = {"state_dict": tensors, **{k: v for k, v in metadata.items() if k != "format"}}
+        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
@@ -87,13 +90,17 @@ def read_checkpoint_metadata(path: Union[str, Path]) -> Optional[Dict[str, Any]]
     Returns None for files without that metadata (other open_clip checkpoints) or that cannot be read.
     """
     path = Path(path)
-    if path.suffix != WEIGHTS_SUFFIX:
-        return None
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        elif path.suffix == ".pt" and not path.name.endswith(STATE_SUFFIX):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            metadata = {k: v for k, v in payload.items() if k != "state_dict"} if isinstance(payload, dict) else {}
+        else:
+            return None
     except Exception as error:  # a truncated or foreign file: no metadata to report
-        _logger.debug("cannot read safetensors metadata of %s: %s", path, error)
+        _logger.debug("cannot read checkpoint metadata of %s: %s", path, error)
         return None
     if "model_name" not in metadata:
         return None
@@ -102,3 +109,14 @@ def read_checkpoint_metadata(path: Union[str, Path]) -> Optional[Dict[str, Any]]
         "model_cfg": json.loads(metadata.get("model_cfg", "null")),
         "args": json.loads(metadata.get("args", "{}")),
     }
+
+
+def load_weights(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
+    """Read the state dict of a ``.safetensors`` or ``.pt`` checkpoint written by ``save_weights``."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["state_dict"] if isinstance(payload, dict) and "state_dict" in payload else payload

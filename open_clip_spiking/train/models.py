@@ -1,0 +1,102 @@
+"""Build the spiking student and the frozen teacher through open_clip's factory."""
+import logging
+from typing import Callable, Optional, Tuple
+
+import open_clip
+import torch
+
+from ..registration import list_spiking_models, register_all
+
+_logger = logging.getLogger(__name__)
+
+_SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
+
+
+def _check_model_name(name: str, role: str, suggestions: str) -> None:
+    if name.startswith(_SCHEMA_PREFIXES) or name in open_clip.list_models():
+        return
+    raise ValueError(f"unknown {role} model {name!r}; available: {suggestions}")
+
+
+def build_student(
+        model_name: str,
+        pretrained: Optional[str],
+        device: torch.device,
+) -> Tuple[torch.nn.Module, Callable, Callable]:
+    """Create the student with its eval-time preprocessing and tokenizer."""
+    register_all()
+    _check_model_name(model_name, "student", ", ".join(list_spiking_models()))
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+def build_teacher(
+        model_name: str,
+        pretrained: Optional[str],
+        device: torch.device,
+) -> Tuple[torch.nn.Module, Callable, Callable]:
+    """Create a frozen teacher in eval mode with its own preprocessing and tokenizer."""
+    register_all()
+    _check_model_name(
+        model_name,
+        "teacher",
+        "any name in open_clip.list_models() (for example ViT-B-16 with --teacher-pretrained openai), "
+        "an hf-hub: or local-dir: model",
+    )
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    model.eval()
+    model.requires_grad_(False)
+    return model, preprocess, open_clip.get_tokenizer(model_name)
+
+
+@torch.no_grad()
+def embed_dim_of(model: torch.nn.Module, device: torch.device) -> int:
+    """Width of the image embedding, read from one forward pass of a blank image in eval mode."""
+    size = getattr(model.visual, "image_size", 224)
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    was_training = model.training
+    model.eval()
+    try:
+        features = model.encode_image(torch.zeros(1, 3, height, width, device=device))
+    finally:
+        model.train(was_training)
+    return int(features.shape[-1])
+
+
+def _teacher_text_embeddings(teacher: torch.nn.Module):
+    text = getattr(teacher, "text", teacher)
+    token = getattr(text, "token_embedding", None)
+    position = getattr(text, "positional_embedding", None)
+    if isinstance(token, torch.nn.Embedding) and isinstance(position, torch.Tensor):
+        return token.weight, position
+    return None
+
+
+@torch.no_grad()
+def init_text_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> bool:
+    """Copy the teacher's token embeddings and first position embeddings into the spiking text tower.
+
+    SpikeCLIP starts its text tower from the teacher's embeddings. Returns False (and logs why) when
+    the teacher has none of the same shape, for example a Hugging Face text tower.
+    """
+    text = getattr(student, "text", None)
+    if text is None or not hasattr(text, "positional_embedding"):
+        return False
+    source = _teacher_text_embeddings(teacher)
+    if source is None:
+        _logger.info("teacher has no token embedding table; the student's text embeddings keep their random init")
+        return False
+    token, position = source
+    student_position = text.positional_embedding
+    if token.shape != text.token_embedding.weight.shape or position.shape[0] < student_position.shape[0] \
+            or position.shape[1] != student_position.shape[1]:
+        _logger.info(
+            "teacher token embeddings %s and positions %s do not fit the student's %s and %s; keeping random init",
+            tuple(token.shape), tuple(position.shape),
+            tuple(text.token_embedding.weight.shape), tuple(student_position.shape),
+        )
+        return False
+    text.token_embedding.weight.copy_(token)
+    student_position.copy_(position[: student_position.shape[0]])
+    _logger.info("copied the teacher's token and position embeddings into the student's text tower")
+    return True
