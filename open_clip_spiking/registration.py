@@ -100,7 +100,9 @@ def _wrap_load_checkpoint(original):
     def load_checkpoint(model, checkpoint_path, *args, **kwargs):
         try:
             return original(model, checkpoint_path, *args, **kwargs)
-        except RuntimeError as error:
+        except (RuntimeError, AssertionError) as error:
+            # open_clip reports a mismatch from load_state_dict (RuntimeError) or, for text
+            # position embeddings of another width, from an assert before it.
             from .train.checkpoint import read_checkpoint_metadata
 
             metadata = read_checkpoint_metadata(checkpoint_path)

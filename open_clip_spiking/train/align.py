@@ -12,7 +12,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -60,10 +60,15 @@ class BadSampleCounter:
         self.bad = 0
         self.seen = 0
 
+    # Every bad sample is logged up to this count; after it, one in LOG_EVERY_AFTER, with the total.
+    LOG_ALL_UP_TO = 20
+    LOG_EVERY_AFTER = 100
+
     def update(self, batch: Dict) -> None:
         for url, key, reason in batch["bad"]:
-            _logger.warning("skipped bad sample %s in %s: %s", key, url, reason)
-        self.bad += len(batch["bad"])
+            self.bad += 1
+            if self.bad <= self.LOG_ALL_UP_TO or self.bad % self.LOG_EVERY_AFTER == 0:
+                _logger.warning("skipped bad sample %s in %s (%d so far): %s", key, url, self.bad, reason)
         self.seen += len(batch["bad"]) + batch["size"]
         if self.seen >= self.min_samples and self.bad > self.max_fraction * self.seen:
             last = batch["bad"][-1] if batch["bad"] else None
@@ -260,21 +265,25 @@ class AlignTrainer:
                 json.dump(cfg.to_dict(), handle, indent=2, sort_keys=True)
         last: Dict[str, float] = {}
         while self.epoch < cfg.epochs and self.step < self.total_steps:
-            last = self._train_epoch() or last
-            if self.step >= self.total_steps and self.batches_done_in_epoch:
+            metrics, completed = self._train_epoch()
+            last = metrics or last
+            if not completed:
                 # Stopped inside an epoch by --max-steps: keep the position so --resume continues there.
                 self.save("latest")
                 break
             self.epoch += 1
             self.batches_done_in_epoch = 0
             if self.val_urls:
-                last.update(self.evaluate())
-                self._record({"epoch": self.epoch, "step": self.step, **last})
+                validation = self.evaluate()
+                last.update(validation)
+                self._record({**validation, "epoch": self.epoch, "step": self.step})
             self.save(f"epoch_{self.epoch}")
             self.save("latest")
         return last
 
-    def _train_epoch(self) -> Optional[Dict[str, float]]:
+    def _train_epoch(self) -> Tuple[Optional[Dict[str, float]], bool]:
+        """Train until the epoch's data or steps run out; returns the last metrics and whether the
+        epoch completed (False when --max-steps stopped it early)."""
         cfg = self.cfg
         loader = build_loader(self.train_urls, self.decoder, self.collate, cfg.batch_size, cfg.workers,
                               shuffle=True, seed=cfg.seed, epoch=self.epoch, shuffle_buffer=cfg.shuffle_buffer)
@@ -309,10 +318,13 @@ class AlignTrainer:
                 )
                 self._record(metrics)
                 window_start, window_images = time.perf_counter(), 0
-            if self.step >= self.total_steps:
+            if self.batches_done_in_epoch >= self.steps_per_epoch:
                 break
+            if self.step >= self.total_steps:
+                progress.close()
+                return metrics, False
         progress.close()
-        return metrics
+        return metrics, True
 
 
 def _image_text_features(output):
