@@ -36,7 +36,7 @@ _vision_overrides = threading.local()
 def model_config_dir() -> Path:
     """Folder of the shipped open_clip model configs.
 
-    A wheel holds them in ``open_clip_spiking/model_configs``; an editable install reads the
+    A wheel contains them in ``open_clip_spiking/model_configs``; an editable install reads the
     repository's top-level ``model_configs`` folder.
     """
     package_dir = Path(__file__).resolve().parent

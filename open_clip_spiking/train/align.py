@@ -2,8 +2,8 @@
 
 Loss per step: ``image_loss_weight * (1 - cos(student_image, teacher_image))`` plus, for the samples
 that carry a caption (or a prompt built from their class), ``text_loss_weight * (1 - cos(student_text,
-teacher_text))``. The student sees its own preprocessing (32x32 for ``spikeclip-vit-s``), the teacher
-its own, of the same image.
+teacher_text))``. The student sees its own preprocessing (32x32 for ``spikeclip-vit-s``) and the
+teacher its own, of the same image.
 """
 import json
 import logging
@@ -60,7 +60,8 @@ class BadSampleCounter:
         self.bad = 0
         self.seen = 0
 
-    # Every bad sample is logged up to this count; after it, one in LOG_EVERY_AFTER, with the total.
+    # The first LOG_ALL_UP_TO bad samples are logged one by one. After that, one in LOG_EVERY_AFTER is
+    # logged, with the running total.
     LOG_ALL_UP_TO = 20
     LOG_EVERY_AFTER = 100
 

@@ -1,0 +1,38 @@
+# Set-up and entry points for a fresh machine. Every target creates the virtual environment first.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# torch and torchvision are installed first, as a matching pair. Override for another platform,
+# e.g. make TORCH_SPEC="torch torchvision" test
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DATA ?= ../shared/data/wds
+TEACHER_DIR ?= runs/teacher
+RUN_DIR ?= runs/align-imagenette
+
+.PHONY: install test align teacher clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -e ".[test,offline-teacher]"
+	touch $@
+
+test: install
+	$(PY) -m pytest
+
+teacher: install
+	$(PY) -m open_clip_spiking.offline_teacher --output $(TEACHER_DIR)/lit-effnetlite0-minilm.safetensors --data-root $(DATA)
+
+align: teacher
+	$(PY) -m open_clip_spiking.train --stage align --model spikeclip-vit-s \
+		--teacher lit-effnetlite0-minilm --teacher-pretrained $(TEACHER_DIR)/lit-effnetlite0-minilm.safetensors \
+		--train-data "$(DATA)/imagenette/train/{0..7}.tar" \
+		--classnames $(DATA)/imagenette/classnames.txt \
+		--templates $(DATA)/imagenette/zeroshot_classification_templates.txt \
+		--output-dir $(RUN_DIR) --epochs 1 --batch-size 32 --workers 1
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info
