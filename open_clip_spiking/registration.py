@@ -3,7 +3,9 @@
 * **timm**: the image towers in ``open_clip_spiking.vision`` are ordinary ``@register_model`` entry
   points (``spikeclip_vit_s``, ...). open_clip builds them through ``vision_cfg.timm_model_name``.
 * **open_clip model configs**: the JSON files shipped in ``open_clip_spiking/model_configs`` are added
-  with ``open_clip.add_model_config``.
+  with ``open_clip.add_model_config``. The offline teacher's config (``lit-effnetlite0-minilm``) names
+  folders inside installed PyPI packages, so ``offline_teacher.register_config`` resolves them and
+  adds it to open_clip's registry directly, when those packages are installed.
 * **open_clip build seams**: open_clip has no registry for text towers, so
   ``open_clip.model._build_text_tower`` is wrapped. A ``text_cfg`` with ``"snn_tower": "spiking_mlp"``
   builds ``SpikingTextMlp`` (set ``"custom_text": true`` so the tower lives at ``model.text``); every
@@ -158,6 +160,9 @@ def register_open_clip() -> None:
         _wrap_once(open_clip.model, "_build_text_tower", _wrap_build_text_tower)
         _wrap_once(open_clip.model, "_build_vision_tower", _wrap_build_vision_tower)
         _wrap_once(open_clip.factory, "load_checkpoint", _wrap_load_checkpoint)
+    from . import offline_teacher
+
+    offline_teacher.register_config()
 
 
 def load_spikeclip(

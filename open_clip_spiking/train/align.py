@@ -150,10 +150,7 @@ class AlignTrainer:
             "batches_done_in_epoch": self.batches_done_in_epoch,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": repr(random.getstate()),
-            },
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "config": json.dumps(self.cfg.to_dict(), sort_keys=True),
         }
 
@@ -189,6 +186,7 @@ class AlignTrainer:
         self.epoch = state["epoch"]
         self.batches_done_in_epoch = state["batches_done_in_epoch"]
         torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_tuples(state["rng"]["python"]))
         _logger.info(
             "resumed from %s at step %d (epoch %d, %d batches into it)",
             state_path, self.step, self.epoch, self.batches_done_in_epoch,
@@ -326,6 +324,11 @@ class AlignTrainer:
                 return metrics, False
         progress.close()
         return metrics, True
+
+
+def _as_tuples(value):
+    """``random.setstate`` needs tuples where a round trip through ``torch.save`` may give lists."""
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _image_text_features(output):
