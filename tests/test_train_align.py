@@ -84,7 +84,7 @@ def test_align_then_clip_benchmark(wds_root, tiny_teacher, cifar_subset, tmp_pat
         "--model", "spikeclip-vit-t", "--pretrained", str(checkpoint),
         "--dataset", "wds/cifar10_jpeg", "--dataset_root", str(cifar_subset),
         "--task", "zeroshot_classification", "--output", str(result_path),
-        "--batch_size", "32", "--num_workers", "0",
+        "--batch_size", "32", "--num_workers", "0", "--no_amp",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
