@@ -36,6 +36,11 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        # mkstemp creates the file as 0600; give it the mode a plain open() would, so the
+        # checkpoint is as readable as any other file the user writes.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
         write(tmp_name)
         with open(tmp_name, "rb") as handle:
             os.fsync(handle.fileno())

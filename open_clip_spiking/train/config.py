@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from .._cli import fraction, non_negative_int, positive_int
+
 STAGES = ("align",)
 PRECISIONS = ("fp32", "bf16")
 
@@ -55,27 +57,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def _non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {value}")
-    return number
-
-
-def _fraction(value: str) -> float:
-    number = float(value)
-    if not 0.0 <= number <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return number
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m open_clip_spiking.train",
@@ -92,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-data", required=True,
                         help="local .tar shards: brace pattern, '::'-separated list, glob or folder")
     parser.add_argument("--val-data", default=None, help="validation shards, same forms as --train-data")
-    parser.add_argument("--train-num-samples", type=_positive_int, default=None,
+    parser.add_argument("--train-num-samples", type=positive_int, default=None,
                         help="samples per epoch; counted from the shards when omitted")
     parser.add_argument("--classnames", default=None,
                         help="class names file, one a line; with --templates builds prompts for 'cls' samples")
@@ -100,13 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, help="folder for checkpoints, metrics.jsonl and the log")
     parser.add_argument("--checkpoint-format", choices=("safetensors", "pt"), default="safetensors",
                         help="file format of the weights in each checkpoint; open_clip loads both")
-    parser.add_argument("--epochs", type=_positive_int, default=1, help="number of passes over --train-data")
-    parser.add_argument("--max-steps", type=_positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=1, help="number of passes over --train-data")
+    parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="stop after this many optimiser steps in total (short runs)")
-    parser.add_argument("--batch-size", type=_positive_int, default=64, help="samples per step on each device")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per step on each device")
     parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
     parser.add_argument("--lr-min", type=float, default=5e-4, help="learning rate at the end of the cosine schedule")
-    parser.add_argument("--warmup", type=_non_negative_int, default=0, help="linear warm-up steps")
+    parser.add_argument("--warmup", type=non_negative_int, default=0, help="linear warm-up steps")
     parser.add_argument("--wd", type=float, default=0.0, help="weight decay")
     parser.add_argument("--beta1", type=float, default=0.9, help="Adam beta1")
     parser.add_argument("--beta2", type=float, default=0.999, help="Adam beta2")
@@ -120,17 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-init-text-embeddings", dest="init_text_embeddings_from_teacher",
                         action="store_false",
                         help="keep the student's random token embeddings instead of copying the teacher's")
-    parser.add_argument("--workers", type=_non_negative_int, default=2, help="data-loader worker processes")
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="data-loader worker processes")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32, or bf16 autocast for the student and teacher")
     parser.add_argument("--device", default=None, help="torch device; cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--resume", default=None,
                         help="'latest' to continue from OUTPUT_DIR/latest, or a path to a .state.pt file")
-    parser.add_argument("--log-every-n-steps", type=_positive_int, default=10, help="log and record metrics every N steps")
-    parser.add_argument("--max-bad-fraction", type=_fraction, default=0.01,
+    parser.add_argument("--log-every-n-steps", type=positive_int, default=10, help="log and record metrics every N steps")
+    parser.add_argument("--max-bad-fraction", type=fraction, default=0.01,
                         help="abort when more than this share of samples cannot be used")
-    parser.add_argument("--shuffle-buffer", type=_positive_int, default=1000, help="samples in the shuffle buffer")
+    parser.add_argument("--shuffle-buffer", type=positive_int, default=1000, help="samples in the shuffle buffer")
     return parser
 
 
