@@ -134,7 +134,7 @@ def test_missing_shard_rejected(wds_root, tiny_teacher, tmp_path):
     args = _align_args(wds_root, tiny_teacher, tmp_path / "run", "--max-steps", "1")
     args[args.index("--train-data") + 1] = str(tmp_path / "missing-{0..1}.tar")
     assert main(args) == 2
-    assert "shard not found" in _log(tmp_path / "run")
+    assert "shards not found" in _log(tmp_path / "run")
 
 
 def test_shard_without_images_aborts(wds_root, tiny_teacher, tmp_path):

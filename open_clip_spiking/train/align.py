@@ -89,6 +89,13 @@ class AlignTrainer:
         self.output_dir = Path(cfg.output_dir)
         self.device = env.device
 
+        # Inputs are checked before any model is built, so a typo fails in seconds.
+        self.train_urls = expand_urls(cfg.train_data)
+        self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
+        classnames = load_classnames(cfg.classnames) if cfg.classnames else None
+        templates = load_templates(cfg.templates) if cfg.templates else None
+        num_samples = cfg.train_num_samples or count_samples(self.train_urls)
+
         self.student, self.student_preprocess, self.student_tokenizer = build_student(
             cfg.model, cfg.pretrained, self.device
         )
@@ -100,14 +107,13 @@ class AlignTrainer:
         if student_dim != teacher_dim:
             raise ValueError(
                 f"student {cfg.model!r} embeds into {student_dim} dimensions but teacher {cfg.teacher!r} into "
-                f"{teacher_dim}; choose a student config whose embed_dim is {teacher_dim}"
+                f"{teacher_dim}; choose a teacher that embeds into {student_dim} (ViT-B-16 and "
+                f"lit-effnetlite0-minilm embed into 512), or add a copy of the student's config with "
+                f"embed_dim {teacher_dim} through open_clip.add_model_config"
             )
         if cfg.pretrained is None and cfg.resume is None and cfg.init_text_embeddings_from_teacher:
             init_text_embeddings_from_teacher(self.student, self.teacher)
 
-        self.train_urls = expand_urls(cfg.train_data)
-        self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
-        num_samples = cfg.train_num_samples or count_samples(self.train_urls)
         global_batch = cfg.batch_size * env.world_size
         self.steps_per_epoch = max(1, math.ceil(num_samples / global_batch))
         self.total_steps = self.steps_per_epoch * cfg.epochs
@@ -118,8 +124,6 @@ class AlignTrainer:
             num_samples, len(self.train_urls), global_batch, cfg.batch_size, env.world_size, self.steps_per_epoch,
         )
 
-        classnames = load_classnames(cfg.classnames) if cfg.classnames else None
-        templates = load_templates(cfg.templates) if cfg.templates else None
         self.decoder = SampleDecoder(
             image_transforms={STUDENT_IMAGE: self.student_preprocess, TEACHER_IMAGE: self.teacher_preprocess},
             classnames=classnames,

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m open_clip_spiking.train",
         description="Distil a spiking SpikeCLIP student from a frozen open_clip teacher.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--stage", choices=STAGES, required=True,
                         help="align: match the student's image (and text) embeddings to the teacher's")

@@ -60,7 +60,8 @@ def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
     missing = [url for url in urls if not os.path.isfile(url)]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise FileNotFoundError(f"shard not found: {shown} (from {spec!r}); check the path and brace pattern")
+        noun = "shard" if len(missing) == 1 else "shards"
+        raise FileNotFoundError(f"{noun} not found: {shown} (from {spec!r}); check the path and brace pattern")
     return urls
 
 

@@ -43,6 +43,11 @@ def build_teacher(
         "any name in open_clip.list_models() (for example ViT-B-16 with --teacher-pretrained openai), "
         "an hf-hub: or local-dir: model",
     )
+    if pretrained is None and not model_name.startswith(_SCHEMA_PREFIXES):
+        _logger.warning(
+            "no --teacher-pretrained given: distilling from a randomly initialised %s; pass an open_clip "
+            "pretrained tag or a checkpoint path", model_name,
+        )
     model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     model.eval()
     model.requires_grad_(False)
