@@ -298,25 +298,14 @@ class SampleErrorCounter:
         return True
 
 
-def _natural_key(path: Path) -> List[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
 def shard_urls(folder: Path) -> List[str]:
     """List the ``.tar`` shards of a folder in numeric order (``2.tar`` before ``10.tar``)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"shard folder {folder} not found; check --data-root")
-    shards = sorted(folder.glob("*.tar"), key=_natural_key)
-    if not shards:
-        raise FileNotFoundError(f"no .tar shards in {folder}; check --data-root")
-    return [str(shard) for shard in shards]
+    # Imported here: registration imports this module whenever open_clip is imported.
+    from .train.data import expand_urls
 
-
-def _read_lines(path: Path) -> List[str]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; check --data-root and --label-set")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    return [line for line in lines if line]
+    return expand_urls(str(folder))
 
 
 def iter_batches(
@@ -589,14 +578,10 @@ def _read_caption_features(model, preprocess, tokenizer, cfg: TeacherBuildConfig
 
 def _read_label_features(model, preprocess, tokenizer, cfg: TeacherBuildConfig) -> Tuple[LabelFeatures, int]:
     root = cfg.data_root / cfg.label_set
-    classnames = _read_lines(root / "classnames.txt")
-    templates = _read_lines(root / "zeroshot_classification_templates.txt")
-    bad_templates = [template for template in templates if "{c}" not in template]
-    if bad_templates:
-        raise ValueError(
-            f"invalid templates in {root / 'zeroshot_classification_templates.txt'}: {bad_templates[:3]} "
-            f"lack the class placeholder '{{c}}'"
-        )
+    from .train.data import load_classnames, load_templates
+
+    classnames = load_classnames(str(root / "classnames.txt"))
+    templates = load_templates(str(root / "zeroshot_classification_templates.txt"))
 
     folder = root / cfg.label_split
     errors = SampleErrorCounter(str(folder))

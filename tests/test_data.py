@@ -64,6 +64,13 @@ def test_empty_spec_rejected(spec):
         expand_urls(spec)
 
 
+def test_folder_shards_in_numeric_order(tmp_path):
+    for index in (10, 2, 1):
+        (tmp_path / f"{index}.tar").write_bytes(b"")
+    names = [url.rsplit("/", 1)[1] for url in expand_urls(str(tmp_path))]
+    assert names == ["1.tar", "2.tar", "10.tar"]
+
+
 def test_glob_without_match_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="matches no files"):
         expand_urls(str(tmp_path / "*.tar"))

@@ -4,15 +4,16 @@ Shards follow the usual CLIP layout: one sample a key, an image under ``jpg``, `
 ``webp``, an optional caption under ``txt`` (one or more lines) and an optional class index under
 ``cls``. Shards are split by node and by data-loader worker, as open_clip_train does.
 
-A sample that cannot be used (no image, an image that does not decode) is not fatal: it travels to
-the collate function marked as bad, which drops it and reports it with its shard and key, so the
-trainer can count bad samples and abort when their share grows too large.
+A sample that cannot be used (no image, an image that does not decode) is not fatal. It reaches the
+collate function marked as bad, and the collate function drops it and reports its shard and key.
+The trainer counts these reports and aborts when their share grows too large.
 """
 import glob
 import io
 import logging
 import os
 import random
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -25,6 +26,11 @@ from PIL import Image
 _logger = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+
+
+def natural_sort_key(path: str) -> List[Union[int, str]]:
+    """Sort key that orders numbered shards by number (``2.tar`` before ``10.tar``)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", os.path.basename(path))]
 
 
 def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
@@ -44,12 +50,12 @@ def expand_urls(spec: Union[str, Sequence[str]]) -> List[str]:
                 continue
             for expanded in braceexpand.braceexpand(part):
                 if os.path.isdir(expanded):
-                    found = sorted(glob.glob(os.path.join(expanded, "*.tar")))
+                    found = sorted(glob.glob(os.path.join(expanded, "*.tar")), key=natural_sort_key)
                     if not found:
                         raise FileNotFoundError(f"folder {expanded!r} contains no .tar shards")
                     urls.extend(found)
                 elif any(ch in expanded for ch in "*?["):
-                    found = sorted(glob.glob(expanded))
+                    found = sorted(glob.glob(expanded), key=natural_sort_key)
                     if not found:
                         raise FileNotFoundError(f"shard pattern {expanded!r} matches no files")
                     urls.extend(found)
@@ -163,8 +169,8 @@ class SampleDecoder:
 class Collate:
     """Stack good samples, tokenize their texts and list the bad ones.
 
-    ``tokenizers`` maps a batch field name to an open_clip tokenizer; each tokenizes the texts of the
-    samples that have one (``text_index`` gives their positions in the batch).
+    ``tokenizers`` maps a batch field name to an open_clip tokenizer. Each tokenizer receives the texts
+    of the samples that have one, and ``text_index`` gives those samples' positions in the batch.
     """
 
     image_fields: Tuple[str, ...]
