@@ -9,7 +9,7 @@ The tower follows the SpikeCLIP image encoder (Lv, Li et al., Neural Networks 18
   residual) and the residual stream carries the real-valued BatchNorm outputs;
 * the output tokens, combined over the T time steps by a learned weighted sum.
 
-The image is encoded directly: the first convolution sees the analog image at every time step. Its
+The image is encoded directly: the first convolution receives the analog image at every time step. Its
 output is the same at every step, so it is computed once and broadcast over T.
 
 Layout: building blocks, the model, pretrained cfgs, the builder, then the timm entry points.
@@ -88,7 +88,7 @@ class SpikingPatchTokenizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = self.time_steps
-        # Direct encoding: conv 0 sees the same analog image at every step, so it runs once.
+        # Direct encoding: conv 0 receives the same analog image at every step, so it runs once.
         x = self.pools[0](self.bns[0](self.convs[0](x)))  # [B, C/8, H, W]
         x_seq = x.unsqueeze(0).expand(T, *x.shape)  # [T, B, C/8, H, W]
         for i in range(1, 4):
@@ -350,20 +350,20 @@ def _create_spiking_vit(variant: str, model_args: dict, pretrained: bool = False
 
 @register_model
 def spikeclip_vit_s(pretrained: bool = False, **kwargs) -> SpikingVisionTransformer:
-    """SpikeCLIP reference image encoder: 32x32 input, 8x8 tokens, 4 blocks of width 384, 8 heads, T=4."""
+    """Build the SpikeCLIP reference image encoder: 32x32 input, 8x8 tokens, 4 blocks of width 384, 8 heads, T=4."""
     model_args = dict(img_size=32, patch_size=4, embed_dim=384, depth=4, num_heads=8, mlp_ratio=4.0, time_steps=4)
     return _create_spiking_vit("spikeclip_vit_s", model_args, pretrained=pretrained, **kwargs)
 
 
 @register_model
 def spikeclip_vit_t(pretrained: bool = False, **kwargs) -> SpikingVisionTransformer:
-    """Tiny encoder for tests and quick runs: 32x32 input, 1 block of width 64, 2 heads, T=2."""
+    """Build a tiny encoder for tests and quick runs: 32x32 input, 1 block of width 64, 2 heads, T=2."""
     model_args = dict(img_size=32, patch_size=4, embed_dim=64, depth=1, num_heads=2, mlp_ratio=2.0, time_steps=2)
     return _create_spiking_vit("spikeclip_vit_t", model_args, pretrained=pretrained, **kwargs)
 
 
 @register_model
 def spikeclip_vit_s_224(pretrained: bool = False, **kwargs) -> SpikingVisionTransformer:
-    """The reference encoder at 224x224 input with patch 16 (14x14 tokens)."""
+    """Build the reference encoder for 224x224 input with patch 16 (14x14 tokens)."""
     model_args = dict(img_size=224, patch_size=16, embed_dim=384, depth=4, num_heads=8, mlp_ratio=4.0, time_steps=4)
     return _create_spiking_vit("spikeclip_vit_s_224", model_args, pretrained=pretrained, **kwargs)

@@ -2,7 +2,7 @@
 
 Loss per step: ``image_loss_weight * (1 - cos(student_image, teacher_image))`` plus, for the samples
 that carry a caption (or a prompt built from their class), ``text_loss_weight * (1 - cos(student_text,
-teacher_text))``. The student sees its own preprocessing (32x32 for ``spikeclip-vit-s``) and the
+teacher_text))``. The student receives its own preprocessing (32x32 for ``spikeclip-vit-s``) and the
 teacher its own, of the same image.
 """
 import json
