@@ -1,6 +1,8 @@
 """Shared fixtures: the real data folder, a tiny open_clip teacher and registration."""
 import json
 import os
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,30 @@ def tiny_teacher(tmp_path_factory):
     weights = folder / f"{TINY_TEACHER}.safetensors"
     save_weights(weights, model.state_dict(), TINY_TEACHER, TINY_TEACHER_CFG)
     return TINY_TEACHER, weights
+
+
+def _copy_subset(source: Path, target: Path, count: int) -> Path:
+    """Write the first ``count`` samples of a real shard to ``target`` unchanged."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    keys = []
+    with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
+        for member in reader:
+            key = member.name.split(".", 1)[0]
+            if key not in keys:
+                if len(keys) == count:
+                    break
+                keys.append(key)
+            writer.addfile(member, reader.extractfile(member))
+    return target
+
+
+@pytest.fixture(scope="session")
+def cifar_subset(wds_root, tmp_path_factory):
+    """A clip_benchmark dataset folder holding 96 real CIFAR-10 test images."""
+    folder = tmp_path_factory.mktemp("cifar_subset")
+    source = wds_root / "cifar10_jpeg"
+    _copy_subset(source / "test" / "0.tar", folder / "test" / "0.tar", 96)
+    (folder / "test" / "nshards.txt").write_text("1")
+    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
+        shutil.copy(source / name, folder / name)
+    return folder

@@ -1,7 +1,6 @@
 """The align stage end to end on real shards, then clip_benchmark on its checkpoint."""
 import io
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,33 +11,6 @@ import pytest
 import torch
 
 from open_clip_spiking.train.__main__ import main
-
-
-def _copy_subset(source: Path, target: Path, count: int) -> Path:
-    """Write the first ``count`` samples of a real shard to ``target`` unchanged."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    keys = []
-    with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
-        for member in reader:
-            key = member.name.split(".", 1)[0]
-            if key not in keys:
-                if len(keys) == count:
-                    break
-                keys.append(key)
-            writer.addfile(member, reader.extractfile(member))
-    return target
-
-
-@pytest.fixture(scope="module")
-def cifar_subset(wds_root, tmp_path_factory):
-    """A clip_benchmark dataset folder holding 96 real CIFAR-10 test images."""
-    folder = tmp_path_factory.mktemp("cifar_subset")
-    source = wds_root / "cifar10_jpeg"
-    _copy_subset(source / "test" / "0.tar", folder / "test" / "0.tar", 96)
-    (folder / "test" / "nshards.txt").write_text("1")
-    for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
-        shutil.copy(source / name, folder / name)
-    return folder
 
 
 def _align_args(wds_root, teacher, output_dir, *extra):
@@ -71,7 +43,7 @@ def test_align_then_clip_benchmark(wds_root, tiny_teacher, cifar_subset, tmp_pat
     metrics = _metrics(output_dir)
     assert [m["step"] for m in metrics] == [2, 4, 6, 8]
     for record in metrics:
-        assert {"epoch", "loss", "loss_image", "loss_text", "lr", "images_per_s"} <= set(record)
+        assert {"epoch", "loss", "loss_image", "loss_text", "lr", "samples_per_s"} <= set(record)
     assert metrics[-1]["loss"] < metrics[0]["loss"]
 
     checkpoint = output_dir / "latest.safetensors"
