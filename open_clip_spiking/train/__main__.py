@@ -1,4 +1,4 @@
-"""Command line: ``python -m open_clip_spiking.train --stage align ...``."""
+"""Command line: ``python -m open_clip_spiking.train --stage {align,align-text,teacher-finetune,finetune} ...``."""
 import logging
 import os
 import sys
@@ -32,12 +32,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _configure_logging(cfg.output_dir)
     # Registering here makes the model names visible to torchrun ranks and data-loader workers too.
     register()
-    from . import align
+    from . import align, align_text, finetune, teacher_finetune
+    from .trainer import BadDataError
 
-    stages = {"align": align.run}
+    stages = {
+        "align": align.run,
+        "align-text": align_text.run,
+        "teacher-finetune": teacher_finetune.run,
+        "finetune": finetune.run,
+    }
     try:
         stages[cfg.stage](cfg)
-    except (ValueError, FileNotFoundError, align.BadDataError) as error:
+    except (ValueError, FileNotFoundError, BadDataError) as error:
         _logger.error("%s", error)
         return 2
     return 0

@@ -6,20 +6,41 @@ The argparse namespace stops here: the stages receive a ``TrainConfig``.
 """
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .._cli import fraction, non_negative_int, positive_int
+from .._cli import fraction, non_negative_int, positive_float, positive_int
 
-STAGES = ("align",)
+STAGES = ("align", "align-text", "teacher-finetune", "finetune")
 PRECISIONS = ("fp32", "bf16")
+
+# Peak and final learning rates of each stage when --lr and --lr-min are not given: the alignment
+# stages use SpikeCLIP's 5e-3 cosine to 5e-4, the fine-tuning stages the authors' released settings.
+STAGE_LR = {
+    "align": (5e-3, 5e-4),
+    "align-text": (5e-3, 5e-4),
+    "teacher-finetune": (5e-5, 1e-5),
+    "finetune": (1e-3, 1e-4),
+}
+
+# File names inside a clip_benchmark dataset folder.
+CLASSNAMES_FILE = "classnames.txt"
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+
+STAGE_HELP = (
+    "align: match the student's image (and text) embeddings to the teacher's; "
+    "align-text: train the student's text tower alone on class prompts and captions; "
+    "teacher-finetune: fine-tune the teacher (--teacher) on labelled shards with its own class-prompt classifier; "
+    "finetune: dual-loss fine-tuning of the student's image tower (cross-entropy + KL to the teacher)"
+)
 
 
 @dataclass
 class TrainConfig:
     stage: str
     model: str
-    train_data: str
+    train_data: Optional[str]
     output_dir: str
     teacher: str
     teacher_pretrained: Optional[str] = None
@@ -52,6 +73,16 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     init_text_embeddings_from_teacher: bool = True
     checkpoint_format: str = "safetensors"
+    ce_weight: float = 1.0
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    kd_reduction: str = "sum"
+    kd_classifier: str = "teacher"
+    logit_scale: float = 1.0
+    grad_angle_bound: Optional[float] = None
+    lock_image: bool = False
+    lock_image_unlocked_groups: int = 0
+    lock_image_freeze_bn_stats: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -63,22 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distil a spiking SpikeCLIP student from a frozen open_clip teacher.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--stage", choices=STAGES, required=True,
-                        help="align: match the student's image (and text) embeddings to the teacher's")
+    parser.add_argument("--stage", choices=STAGES, required=True, help=STAGE_HELP)
     parser.add_argument("--model", default="spikeclip-vit-s", help="open_clip config name of the spiking student")
     parser.add_argument("--pretrained", default=None,
                         help="student checkpoint (.safetensors or .pt) to start from; random init when omitted")
-    parser.add_argument("--teacher", required=True, help="open_clip model name of the frozen teacher, e.g. ViT-B-16")
+    parser.add_argument("--teacher", required=True,
+                        help="open_clip model name of the teacher, e.g. ViT-B-16; frozen in every stage except "
+                             "teacher-finetune, which trains it")
     parser.add_argument("--teacher-pretrained", default=None,
                         help="teacher weights: an open_clip pretrained tag (e.g. openai) or a checkpoint path")
-    parser.add_argument("--train-data", required=True,
-                        help="local .tar shards: brace pattern, '::'-separated list, glob or folder")
+    parser.add_argument("--train-data", default=None,
+                        help="local .tar shards: brace pattern, '::'-separated list, glob or folder; optional for "
+                             "align-text, which then trains on the class prompts alone")
     parser.add_argument("--val-data", default=None, help="validation shards, same forms as --train-data")
     parser.add_argument("--train-num-samples", type=positive_int, default=None,
                         help="samples per epoch; counted from the shards when omitted")
     parser.add_argument("--classnames", default=None,
-                        help="class names file, one a line; with --templates builds prompts for 'cls' samples")
-    parser.add_argument("--templates", default=None, help="prompt templates file, one a line, each with '{c}'")
+                        help=f"class names file, one a line, in label order; or a clip_benchmark dataset folder "
+                             f"holding {CLASSNAMES_FILE} and {TEMPLATES_FILE}")
+    parser.add_argument("--templates", default=None,
+                        help="prompt templates file, one a line, each with '{c}'; read from the --classnames "
+                             "folder when omitted")
     parser.add_argument("--output-dir", required=True, help="folder for checkpoints, metrics.jsonl and the log")
     parser.add_argument("--checkpoint-format", choices=("safetensors", "pt"), default="safetensors",
                         help="file format of the weights in each checkpoint; open_clip loads both")
@@ -86,8 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="stop after this many optimiser steps in total (short runs)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per step on each device")
-    parser.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
-    parser.add_argument("--lr-min", type=float, default=5e-4, help="learning rate at the end of the cosine schedule")
+    parser.add_argument("--lr", type=positive_float, default=None,
+                        help="peak learning rate; per stage when omitted: " + _stage_lr_help(0))
+    parser.add_argument("--lr-min", type=float, default=None,
+                        help="learning rate at the end of the cosine schedule; per stage when omitted: "
+                             + _stage_lr_help(1))
     parser.add_argument("--warmup", type=non_negative_int, default=0, help="linear warm-up steps")
     parser.add_argument("--wd", type=float, default=0.0, help="weight decay")
     parser.add_argument("--beta1", type=float, default=0.9, help="Adam beta1")
@@ -102,6 +141,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-init-text-embeddings", dest="init_text_embeddings_from_teacher",
                         action="store_false",
                         help="keep the student's random token embeddings instead of copying the teacher's")
+    finetune = parser.add_argument_group("fine-tuning (teacher-finetune and finetune)")
+    finetune.add_argument("--logit-scale", type=positive_float, default=1.0,
+                          help="factor on the cosine logits of student and teacher; 1 reproduces SpikeCLIP, "
+                               "100 is CLIP's usual scale")
+    finetune.add_argument("--ce-weight", type=float, default=1.0, help="weight of the cross-entropy term")
+    finetune.add_argument("--kd-weight", type=float, default=1.0,
+                          help="weight of the KL(teacher || student) term (0 trains on labels alone)")
+    finetune.add_argument("--kd-temperature", type=positive_float, default=1.0,
+                          help="distillation temperature; both distributions are softened by it and the KL term "
+                               "is multiplied by its square")
+    finetune.add_argument("--kd-reduction", choices=("sum", "batchmean"), default="sum",
+                          help="sum the KL term over the batch (SpikeCLIP) or average it over the batch")
+    finetune.add_argument("--kd-classifier", choices=("teacher", "student"), default="teacher",
+                          help="class embeddings for the teacher's logits: the teacher's own text tower, or the "
+                               "student's (as the SpikeCLIP release does)")
+    finetune.add_argument("--grad-angle-bound", type=float, default=None,
+                          help="degrees; when set, a step follows the combined gradient only if the angle between "
+                               "the cross-entropy and KL gradients is at most this bound, and the cross-entropy "
+                               "gradient alone otherwise; off by default")
+    finetune.add_argument("--lock-image", action="store_true",
+                          help="teacher-finetune: freeze the teacher's image trunk except the last "
+                               "--lock-image-unlocked-groups layer groups (open_clip's lock_image_tower)")
+    finetune.add_argument("--lock-image-unlocked-groups", type=non_negative_int, default=0,
+                          help="layer groups left trainable by --lock-image")
+    finetune.add_argument("--lock-image-freeze-bn-stats", action="store_true",
+                          help="with --lock-image, also freeze the BatchNorm statistics of the locked layers")
     parser.add_argument("--workers", type=non_negative_int, default=2, help="data-loader worker processes")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32, or bf16 autocast for the student and teacher")
@@ -116,11 +181,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stage_lr_help(index: int) -> str:
+    return ", ".join(f"{stage} {rates[index]:g}" for stage, rates in STAGE_LR.items())
+
+
+def resolve_class_files(classnames: Optional[str], templates: Optional[str]):
+    """Turn a clip_benchmark dataset folder given as ``classnames`` into its two files."""
+    if classnames is not None and os.path.isdir(classnames):
+        folder = classnames
+        classnames = os.path.join(folder, CLASSNAMES_FILE)
+        if templates is None:
+            templates = os.path.join(folder, TEMPLATES_FILE)
+    return classnames, templates
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.classnames, args.templates = resolve_class_files(args.classnames, args.templates)
     if (args.classnames is None) != (args.templates is None):
-        parser.error("--classnames and --templates go together; pass both or neither")
+        parser.error("--classnames and --templates go together; pass both, or a clip_benchmark dataset folder "
+                     "as --classnames")
+    if args.stage in ("teacher-finetune", "finetune"):
+        if args.classnames is None:
+            parser.error(f"--stage {args.stage} needs the class list: pass --classnames and --templates, or a "
+                         f"clip_benchmark dataset folder as --classnames")
+    if args.stage == "align-text":
+        if args.train_data is None and args.classnames is None:
+            parser.error("--stage align-text needs texts: pass --classnames and --templates for class prompts, "
+                         "--train-data shards with captions, or both")
+    elif args.train_data is None:
+        parser.error(f"--stage {args.stage} needs --train-data")
+    default_lr, default_lr_min = STAGE_LR[args.stage]
+    args.lr = default_lr if args.lr is None else args.lr
+    args.lr_min = min(default_lr_min, args.lr) if args.lr_min is None else args.lr_min
     if args.lr_min > args.lr:
         parser.error(f"--lr-min {args.lr_min} is larger than --lr {args.lr}")
+    if args.grad_angle_bound is not None and not 0 <= args.grad_angle_bound <= 180:
+        parser.error(f"--grad-angle-bound {args.grad_angle_bound} is not an angle in degrees between 0 and 180")
     return TrainConfig(**vars(args))

@@ -99,13 +99,30 @@ def read_lines(path: str, what: str) -> List[str]:
 
 
 def load_classnames(path: str) -> List[str]:
-    """Read class names, one a line; duplicates are rejected since they make labels ambiguous."""
-    names = read_lines(path, "class names")
+    """Read class names, one a line, in label order.
+
+    A blank line between names is rejected, since skipping it would shift every later label; so are
+    duplicates, since they make labels ambiguous. Blank lines at the end are ignored.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class names file not found: {path}")
+    with open(path, encoding="utf-8") as handle:
+        lines = [line.strip() for line in handle]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise ValueError(f"class names file {path} is empty")
+    blank = [number for number, line in enumerate(lines, start=1) if not line]
+    if blank:
+        raise ValueError(
+            f"class names file {path} has no name on line {blank[0]} (label {blank[0] - 1}); write one name a "
+            f"line in label order, with no blank lines"
+        )
     seen = set()
-    duplicates = sorted({name for name in names if name in seen or seen.add(name)})
+    duplicates = sorted({name for name in lines if name in seen or seen.add(name)})
     if duplicates:
         raise ValueError(f"class names file {path} lists {duplicates} more than once; each class needs one name")
-    return names
+    return lines
 
 
 def load_templates(path: str) -> List[str]:
@@ -124,6 +141,7 @@ class SampleDecoder:
     image_transforms: Dict[str, Callable]
     classnames: Optional[List[str]] = None
     templates: Optional[List[str]] = None
+    require_label: bool = False
 
     def __call__(self, sample: Dict) -> Dict:
         key = sample.get("__key__", "?")
@@ -149,7 +167,17 @@ class SampleDecoder:
         for name, transform in self.image_transforms.items():
             out[name] = transform(image)
         if "cls" in sample:
-            out["label"] = int(sample["cls"].decode("utf-8").strip())
+            label = int(sample["cls"].decode("utf-8").strip())
+            if self.classnames is not None and not 0 <= label < len(self.classnames):
+                return {
+                    "bad": f"label {label} is outside the {len(self.classnames)} class names; the class names "
+                           f"file misses names or belongs to another dataset",
+                    "__key__": key,
+                    "__url__": url,
+                }
+            out["label"] = label
+        elif self.require_label:
+            return {"bad": "no label ('cls' field)", "__key__": key, "__url__": url}
         out["text"] = self._text(sample, out.get("label"))
         return out
 
@@ -159,8 +187,6 @@ class SampleDecoder:
             if captions:
                 return random.choice(captions)
         if label is not None and self.classnames and self.templates:
-            if not 0 <= label < len(self.classnames):
-                raise ValueError(f"label {label} is outside the {len(self.classnames)} class names")
             return random.choice(self.templates).format(c=self.classnames[label])
         return None
 
@@ -196,6 +222,17 @@ class Collate:
             for name, tokenizer in self.tokenizers.items():
                 batch[name] = tokenizer(texts)
         return batch
+
+
+def read_captions(urls: Sequence[str]) -> List[str]:
+    """Return every caption line of the ``txt`` fields in the shards, in shard order."""
+    pipeline = wds.DataPipeline(wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(handler=_log_and_continue))
+    captions: List[str] = []
+    for sample in pipeline:
+        if "txt" in sample:
+            captions.extend(line.strip() for line in sample["txt"].decode("utf-8", "replace").splitlines()
+                            if line.strip())
+    return captions
 
 
 def _log_and_continue(error: Exception) -> bool:

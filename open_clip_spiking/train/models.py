@@ -1,6 +1,6 @@
 """Build the spiking student and the frozen teacher through open_clip's factory."""
 import logging
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import open_clip
 import torch
@@ -66,6 +66,53 @@ def embed_dim_of(model: torch.nn.Module, device: torch.device) -> int:
     finally:
         model.train(was_training)
     return int(features.shape[-1])
+
+
+def check_embed_dims(
+        student: torch.nn.Module, student_name: str, teacher: torch.nn.Module, teacher_name: str, device: torch.device
+) -> None:
+    """Raise ValueError when the student's and teacher's embeddings differ in width."""
+    student_dim = embed_dim_of(student, device)
+    teacher_dim = embed_dim_of(teacher, device)
+    if student_dim != teacher_dim:
+        raise ValueError(
+            f"student {student_name!r} embeds into {student_dim} dimensions but teacher {teacher_name!r} into "
+            f"{teacher_dim}; choose a teacher that embeds into {student_dim} (ViT-B-16 and "
+            f"lit-effnetlite0-minilm embed into 512), or add a copy of the student's config with "
+            f"embed_dim {teacher_dim} through open_clip.add_model_config"
+        )
+
+
+@torch.no_grad()
+def class_embeddings(
+        model: torch.nn.Module,
+        tokenizer: Callable,
+        classnames: Sequence[str],
+        templates: Sequence[str],
+        device: torch.device,
+) -> torch.Tensor:
+    """Zero-shot classifier ``[num_classes, D]`` from the model's text tower, as clip_benchmark builds it.
+
+    Each prompt embedding is L2-normalised, the prompts of a class are averaged over the templates and
+    the mean is normalised again (``open_clip.build_zero_shot_classifier``). Classes are embedded one at
+    a time, as clip_benchmark does: a spiking tower's output can change with the batch shape (a rounding
+    difference that crosses a firing threshold), and equal shapes give clip_benchmark's classifier
+    exactly. The model is put in eval mode for the computation and returned to its previous mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        weights = open_clip.build_zero_shot_classifier(
+            model,
+            tokenizer=tokenizer,
+            classnames=list(classnames),
+            templates=[lambda c, template=template: template.format(c=c) for template in templates],
+            num_classes_per_batch=1,
+            device=device,
+        )
+    finally:
+        model.train(was_training)
+    return weights.T.contiguous().float()
 
 
 def _teacher_text_embeddings(teacher: torch.nn.Module):

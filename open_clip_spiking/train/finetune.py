@@ -1,0 +1,167 @@
+"""Dual-loss fine-tuning of the spiking student on a labelled downstream set.
+
+The classifier is the student's own text tower: every class x template prompt is embedded and
+L2-normalised, the prompts of a class are averaged and normalised again, and the result is frozen.
+The text tower stays frozen, so the fine-tuned checkpoint rebuilds the same classifier from the
+templates and ``clip_benchmark eval`` scores it as trained. Only the image tower learns, with
+
+    loss = ce_weight * CE(student_logits, label) + kd_weight * KL(teacher_logits || student_logits)
+
+where ``logits = logit_scale * cos(image_embedding, class_embedding)``. The teacher (usually the task
+teacher from the teacher-finetune stage) is frozen; its logits use its own class embeddings, or the
+student's with ``--kd-classifier student``. Defaults follow SpikeCLIP: weights 1, no temperature, KL
+summed over the batch, logits without a scale.
+
+``--grad-angle-bound DEGREES`` switches on a gradient rule: the two terms' gradients are computed
+separately, and the step follows their sum only when the angle between them is at most the bound;
+otherwise it follows the cross-entropy gradient alone, so the teacher never pulls against the labels
+by more than the bound. (The SpikeCLIP release uses a variant that steps on cross-entropy alone within
+the bound and skips the step beyond it.)
+"""
+import logging
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .classification import evaluate_top1, image_features
+from .config import TrainConfig
+from .data import Collate, SampleDecoder, build_loader, count_samples, expand_urls, load_classnames, load_templates
+from .distributed import DistributedEnv
+from .losses import cosine_logits, distillation_kl, gradient_angle
+from .models import build_student, build_teacher, check_embed_dims, class_embeddings
+from .trainer import Trainer, autocast, run_stage
+
+_logger = logging.getLogger(__name__)
+
+STUDENT_IMAGE = "student_image"
+TEACHER_IMAGE = "teacher_image"
+
+
+def dual_loss(
+        student_logits: torch.Tensor,
+        teacher_logits: Optional[torch.Tensor],
+        labels: torch.Tensor,
+        cfg: TrainConfig,
+) -> Dict[str, torch.Tensor]:
+    """Cross-entropy on the labels plus the distillation KL; ``loss`` is their weighted sum."""
+    loss_ce = F.cross_entropy(student_logits.float(), labels)
+    losses = {"loss_ce": loss_ce}
+    loss = cfg.ce_weight * loss_ce
+    if teacher_logits is not None and cfg.kd_weight != 0:
+        loss_kd = distillation_kl(student_logits, teacher_logits, cfg.kd_temperature, cfg.kd_reduction)
+        losses["loss_kd"] = loss_kd
+        loss = loss + cfg.kd_weight * loss_kd
+    losses["loss"] = loss
+    return losses
+
+
+class FinetuneTrainer(Trainer):
+    stage = "finetune"
+    evaluate_at_start = True
+
+    def __init__(self, cfg: TrainConfig, env: DistributedEnv):
+        super().__init__(cfg, env)
+        self.train_urls = expand_urls(cfg.train_data)
+        self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
+        classnames = load_classnames(cfg.classnames)
+        templates = load_templates(cfg.templates)
+        num_samples = cfg.train_num_samples or count_samples(self.train_urls)
+
+        if cfg.pretrained is None and cfg.resume is None:
+            _logger.warning("no --pretrained student given: fine-tuning a randomly initialised %s; pass the "
+                            "checkpoint of the align and align-text stages", cfg.model)
+        self.student, student_preprocess, student_tokenizer = build_student(cfg.model, cfg.pretrained, self.device)
+        self.teacher, teacher_preprocess, teacher_tokenizer = build_teacher(
+            cfg.teacher, cfg.teacher_pretrained, self.device
+        )
+        check_embed_dims(self.student, cfg.model, self.teacher, cfg.teacher, self.device)
+        self.classifier = class_embeddings(self.student, student_tokenizer, classnames, templates, self.device)
+        if cfg.kd_classifier == "teacher":
+            self.teacher_classifier = class_embeddings(self.teacher, teacher_tokenizer, classnames, templates,
+                                                       self.device)
+        else:
+            self.teacher_classifier = self.classifier
+        _logger.info("class embeddings: %d classes x %d templates (teacher logits use the %s's)",
+                     len(classnames), len(templates), cfg.kd_classifier)
+        self.student.requires_grad_(False)
+        self.student.visual.requires_grad_(True)
+
+        image_transforms = {STUDENT_IMAGE: student_preprocess}
+        if cfg.kd_weight != 0:
+            image_transforms[TEACHER_IMAGE] = teacher_preprocess
+        self.decoder = SampleDecoder(image_transforms=image_transforms, classnames=classnames, require_label=True)
+        self.collate = Collate(image_fields=tuple(image_transforms))
+        self.setup(self.student, cfg.model, num_samples)
+
+    def train_loader(self, epoch: int):
+        cfg = self.cfg
+        return build_loader(self.train_urls, self.decoder, self.collate, cfg.batch_size, cfg.workers,
+                            shuffle=True, seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer)
+
+    def compute_loss(self, batch: Dict, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        cfg, device = self.cfg, self.device
+        teacher_logits = None
+        if cfg.kd_weight != 0:
+            with torch.no_grad(), autocast(cfg.precision, device):
+                teacher_features = self.teacher.encode_image(batch[TEACHER_IMAGE].to(device))
+            teacher_logits = cosine_logits(teacher_features, self.teacher_classifier, cfg.logit_scale)
+        with autocast(cfg.precision, device):
+            features = image_features(model(image=batch[STUDENT_IMAGE].to(device)))
+        student_logits = cosine_logits(features, self.classifier, cfg.logit_scale)
+        return dual_loss(student_logits, teacher_logits, batch["label"].to(device), cfg)
+
+    def train_step(self, batch: Dict) -> Dict[str, float]:
+        if self.cfg.grad_angle_bound is None or self.cfg.kd_weight == 0:
+            return super().train_step(batch)
+        # The two gradients are taken with autograd.grad, outside DDP's reducer, and averaged over
+        # ranks by hand; so the forward runs on the unwrapped model.
+        self.set_train_mode()
+        losses = self.compute_loss(batch, self.trainable)
+        extra = self._angle_rule_step(losses)
+        self.step += 1
+        metrics = {name: value.item() for name, value in losses.items()}
+        metrics.update(extra)
+        return metrics
+
+    def _angle_rule_step(self, losses: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        cfg = self.cfg
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        ce_grads = torch.autograd.grad(cfg.ce_weight * losses["loss_ce"], params, retain_graph=True,
+                                       allow_unused=True)
+        kd_grads = torch.autograd.grad(cfg.kd_weight * losses["loss_kd"], params, allow_unused=True)
+        ce_grads, kd_grads = _dense_average(ce_grads, params), _dense_average(kd_grads, params)
+        angle = gradient_angle(ce_grads, kd_grads)
+        combined = angle <= cfg.grad_angle_bound
+        for param, ce, kd in zip(params, ce_grads, kd_grads):
+            param.grad = ce + kd if combined else ce
+        self.clip_and_step()
+        return {"grad_angle": angle, "kd_applied": float(combined)}
+
+    def evaluate(self) -> Optional[Dict[str, float]]:
+        if not self.val_urls:
+            return None
+        return evaluate_top1(self.student, self.val_urls, self.decoder, self.collate, STUDENT_IMAGE,
+                             self.classifier, self.cfg.batch_size, self.cfg.workers, self.device,
+                             self.cfg.precision, self.bad_samples)
+
+
+def _dense_average(grads, params) -> List[torch.Tensor]:
+    """Gradients with zeros for unused parameters, averaged over ranks when running distributed.
+
+    Every rank reduces one flat tensor of the same length, so a parameter unused on one rank only
+    cannot make the ranks disagree.
+    """
+    dense = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+    if not dist.is_initialized():
+        return dense
+    flat = torch.cat([g.reshape(-1) for g in dense])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in dense]), dense)]
+
+
+def run(cfg: TrainConfig) -> Dict[str, float]:
+    """Run the finetune stage; returns the last logged and validation metrics."""
+    return run_stage(FinetuneTrainer, cfg)
