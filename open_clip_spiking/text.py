@@ -4,6 +4,7 @@ Token embeddings plus position embeddings of ``context_length`` tokens are flatt
 (20 x 512 = 10,240 values in the reference size), encoded directly (the same analog vector at every
 time step), then ``LIF -> Linear -> LIF -> Linear`` and a learned weighted sum over the T time steps.
 """
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Dict
 
@@ -17,6 +18,10 @@ __all__ = ["SpikingTextCfg", "SpikingTextMlp", "SPIKING_TEXT_TOWER"]
 
 # Value of ``text_cfg["snn_tower"]`` that selects this tower in an open_clip model config.
 SPIKING_TEXT_TOWER = "spiking_mlp"
+
+# Weight scale of the linear layers at initialisation, in units of 1/sqrt(fan_in). Inputs that spike
+# at a rate r give outputs of variance GAIN**2 * r, so 4 gives unit variance at r = 1/16.
+SPIKING_FAN_IN_GAIN = 4.0
 
 
 @dataclass
@@ -95,9 +100,19 @@ class SpikingTextMlp(nn.Module):
         self.init_parameters()
 
     def init_parameters(self):
-        # open_clip's initialisation of text token and position embeddings.
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        """Initialise so that both LIF layers fire from the first step.
+
+        The tower has no normalisation layer, so scales are set at initialisation: token embeddings
+        of unit standard deviation drive the input LIF (threshold 1) to fire at a rate near 1/15, and
+        each linear layer starts with weights of standard deviation ``SPIKING_FAN_IN_GAIN / sqrt(fan_in)``,
+        which gives its output about unit variance at that input rate. With open_clip's usual 0.02 for
+        the embeddings no neuron fires, and every text gets the same embedding until training grows them.
+        """
+        nn.init.normal_(self.token_embedding.weight, std=1.0)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        for linear in (self.fc1, self.fc2):
+            nn.init.normal_(linear.weight, std=SPIKING_FAN_IN_GAIN / math.sqrt(linear.in_features))
+            nn.init.zeros_(linear.bias)
 
     @torch.jit.ignore
     def no_weight_decay(self):

@@ -66,3 +66,40 @@ def test_lock_freezes_all_then_unlocks_last():
     assert tower.fc2.weight.requires_grad
     assert not tower.fc1.weight.requires_grad
     assert not tower.token_embedding.weight.requires_grad
+
+
+def _spike_rates(tower, tokens):
+    rates = {}
+    hooks = [
+        lif.register_forward_hook(lambda module, inputs, output, name=name: rates.__setitem__(name, output.mean().item()))
+        for name, lif in (("in_lif", tower.in_lif), ("hidden_lif", tower.hidden_lif))
+    ]
+    with torch.no_grad():
+        features = tower(tokens)
+    for hook in hooks:
+        hook.remove()
+    return rates, features
+
+
+def test_reference_tower_fires_at_init():
+    torch.manual_seed(0)
+    model = open_clip.create_model("spikeclip-vit-s").eval()
+    tokenizer = open_clip.get_tokenizer("spikeclip-vit-s")
+    prompts = [f"a photo of a {name}." for name in ("airplane", "cat", "ship", "truck")]
+    rates, features = _spike_rates(model.text, tokenizer(prompts))
+    for name in ("in_lif", "hidden_lif"):
+        assert 0.01 < rates[name] < 0.5, (name, rates[name])
+    features = torch.nn.functional.normalize(features, dim=-1)
+    similarity = features @ features.T
+    assert similarity[~torch.eye(4, dtype=torch.bool)].max() < 0.99  # prompts embed apart
+
+
+def test_copied_teacher_embeddings_reach_unit_scale():
+    from open_clip_spiking.train.models import init_text_embeddings_from_teacher
+
+    student = open_clip.create_model("spikeclip-vit-s")
+    teacher = open_clip.create_model("ViT-B-16")  # random weights: token embeddings of std 0.02
+    assert init_text_embeddings_from_teacher(student, teacher)
+    scale = 1.0 / teacher.token_embedding.weight.std()
+    torch.testing.assert_close(student.text.token_embedding.weight, teacher.token_embedding.weight * scale)
+    torch.testing.assert_close(student.text.positional_embedding, teacher.positional_embedding[:20] * scale)

@@ -128,8 +128,10 @@ def _teacher_text_embeddings(teacher: torch.nn.Module):
 def init_text_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.nn.Module) -> bool:
     """Copy the teacher's token embeddings and first position embeddings into the spiking text tower.
 
-    SpikeCLIP starts its text tower from the teacher's embeddings. Returns False (and logs why) when
-    the teacher has none of the same shape, for example a Hugging Face text tower.
+    SpikeCLIP starts its text tower from the teacher's embeddings. Both are multiplied by one factor
+    that brings the token embeddings to unit standard deviation, so the input neurons fire. Returns
+    False (and logs why) when the teacher has none of the same shape, for example a Hugging Face
+    text tower.
     """
     text = getattr(student, "text", None)
     if text is None or not hasattr(text, "positional_embedding"):
@@ -148,7 +150,12 @@ def init_text_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.n
             tuple(text.token_embedding.weight.shape), tuple(student_position.shape),
         )
         return False
-    text.token_embedding.weight.copy_(token)
-    student_position.copy_(position[: student_position.shape[0]])
-    _logger.info("copied the teacher's token and position embeddings into the student's text tower")
+    # A transformer's embeddings are small (open_clip initialises them at 0.02), far below the input
+    # LIF's threshold, so the copy is rescaled to unit standard deviation; the scale is shared by
+    # tokens and positions, which keeps every angle between embeddings.
+    scale = 1.0 / token.float().std().clamp_min(1e-12)
+    text.token_embedding.weight.copy_(token * scale)
+    student_position.copy_(position[: student_position.shape[0]] * scale)
+    _logger.info("copied the teacher's token and position embeddings into the student's text tower, scaled by %.3g",
+                 scale.item())
     return True
