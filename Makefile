@@ -11,8 +11,12 @@ RUN_DIR ?= runs/align-imagenette
 # Samples in the align epoch of `make align`: 1024 of the 4,000 Imagenette training images keeps the
 # run short on a CPU. Raise it, or drop --train-num-samples, for a full epoch.
 ALIGN_SAMPLES ?= 1024
+# `make results`: a trained student checkpoint to score. When empty, benchmarks/results.py trains a short align
+# run and the page states it. RESULTS_ARGS passes further flags, e.g. RESULTS_ARGS="--num-images 1000".
+STUDENT ?=
+RESULTS_ARGS ?=
 
-.PHONY: install test align teacher clean
+.PHONY: install test align teacher results clean
 
 install: $(VENV)/.installed
 
@@ -36,6 +40,12 @@ align: teacher
 		--classnames $(DATA)/imagenette/classnames.txt \
 		--templates $(DATA)/imagenette/zeroshot_classification_templates.txt \
 		--output-dir $(RUN_DIR) --epochs 1 --train-num-samples $(ALIGN_SAMPLES) --batch-size 32 --workers 1
+
+# Regenerates benchmarks/RESULTS.md and benchmarks/results/. The teacher is built first if it is missing.
+results: install
+	$(PY) benchmarks/results.py --output benchmarks/RESULTS.md --data-root $(DATA) --work-dir runs/results \
+		--teacher-pretrained $(TEACHER_DIR)/lit-effnetlite0-minilm.safetensors \
+		$(if $(STUDENT),--student-pretrained $(STUDENT)) $(RESULTS_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info
