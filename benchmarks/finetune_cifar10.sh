@@ -64,22 +64,24 @@ EOF
 fi
 
 run() { echo "+ $*" >&2; /usr/bin/time -f "%e s wall, %M KiB peak RSS" "$@"; }
+# A stage whose first epoch checkpoint exists is done, so a rerun of the script continues after it.
+done_stage() { [ -f "$OUT/$1/epoch_1.safetensors" ] && echo "$1: done, skipped" >&2; }
 
-run "$PY" -m open_clip_spiking.train --stage align --model "$MODEL" "${TEACHER[@]}" \
+done_stage align || run "$PY" -m open_clip_spiking.train --stage align --model "$MODEL" "${TEACHER[@]}" \
     --train-data "$TRAIN" --classnames "$SRC" --train-num-samples "$ALIGN_SAMPLES" \
     --batch-size "$BATCH" --workers "$WORKERS" --output-dir "$OUT/align" --log-every-n-steps 4
 
-run "$PY" -m open_clip_spiking.train --stage align-text --model "$MODEL" "${TEACHER[@]}" \
+done_stage align_text || run "$PY" -m open_clip_spiking.train --stage align-text --model "$MODEL" "${TEACHER[@]}" \
     --pretrained "$OUT/align/latest.safetensors" --classnames "$SRC" \
     --train-num-samples $((TEXT_STEPS * 60)) --batch-size 60 --output-dir "$OUT/align_text" --log-every-n-steps 25
 
-run "$PY" -m open_clip_spiking.train --stage teacher-finetune "${TEACHER[@]}" \
+done_stage teacher_finetune || run "$PY" -m open_clip_spiking.train --stage teacher-finetune "${TEACHER[@]}" \
     --train-data "$TRAIN" --classnames "$SRC" --train-num-samples "$TEACHER_SAMPLES" \
     --lock-image --lr 1e-3 --lr-min 1e-4 --logit-scale 100 \
     --val-data "$TEST/test" --batch-size 64 --workers "$WORKERS" --output-dir "$OUT/teacher_finetune" \
     --log-every-n-steps 8
 
-run "$PY" -m open_clip_spiking.train --stage finetune --model "$MODEL" \
+done_stage finetune || run "$PY" -m open_clip_spiking.train --stage finetune --model "$MODEL" \
     --pretrained "$OUT/align_text/latest.safetensors" \
     --teacher lit-effnetlite0-minilm --teacher-pretrained "$OUT/teacher_finetune/latest.safetensors" \
     --train-data "$TRAIN" --classnames "$SRC" --train-num-samples "$FINETUNE_SAMPLES" \
@@ -88,11 +90,11 @@ run "$PY" -m open_clip_spiking.train --stage finetune --model "$MODEL" \
 
 for name in teacher task_teacher; do
     if [ "$name" = teacher ]; then ckpt=$TEACHER_CKPT; else ckpt=$OUT/teacher_finetune/latest.safetensors; fi
-    run "$PY" -m open_clip_spiking.eval --model lit-effnetlite0-minilm --pretrained "$ckpt" \
+    [ -f "$OUT/eval_$name.json" ] || run "$PY" -m open_clip_spiking.eval --model lit-effnetlite0-minilm --pretrained "$ckpt" \
         --data "$TEST/test" --classnames "$TEST" --output "$OUT/eval_$name.json" --workers "$WORKERS"
 done
 for name in align_text finetune; do
-    run "$PY" -m open_clip_spiking.eval --model "$MODEL" --pretrained "$OUT/$name/latest.safetensors" \
+    [ -f "$OUT/eval_student_$name.json" ] || run "$PY" -m open_clip_spiking.eval --model "$MODEL" --pretrained "$OUT/$name/latest.safetensors" \
         --data "$TEST/test" --classnames "$TEST" --output "$OUT/eval_student_$name.json" --workers "$WORKERS"
 done
 echo "results in $OUT" >&2
