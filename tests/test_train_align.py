@@ -127,6 +127,6 @@ def test_shard_without_images_aborts(wds_root, tiny_teacher, tmp_path):
 def test_student_teacher_width_mismatch(wds_root, tmp_path):
     source = wds_root / "cifar10_jpeg"
     args = ["--stage", "align", "--model", "spikeclip-vit-t", "--teacher", "RN50",
-            "--train-data", str(source / "train" / "0.tar"), "--output-dir", str(tmp_path / "run")]
+            "--train-data", str(source / "train" / "0.tar"), "--workers", "0", "--output-dir", str(tmp_path / "run")]
     assert main(args) == 2
     assert "embeds into 64 dimensions but teacher 'RN50' into 1024" in _log(tmp_path / "run")

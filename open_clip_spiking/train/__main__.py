@@ -33,7 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Registering here makes the model names visible to torchrun ranks and data-loader workers too.
     register()
     from . import align, align_text, finetune, teacher_finetune
-    from .trainer import BadDataError
+    from .trainer import TrainingError
 
     stages = {
         "align": align.run,
@@ -43,7 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     }
     try:
         stages[cfg.stage](cfg)
-    except (ValueError, FileNotFoundError, BadDataError) as error:
+    except (ValueError, FileNotFoundError, TrainingError) as error:
         _logger.error("%s", error)
         return 2
     return 0

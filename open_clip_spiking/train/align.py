@@ -6,7 +6,7 @@ teacher_text))``. The student receives its own preprocessing (32x32 for ``spikec
 teacher its own, of the same image.
 """
 import logging
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -29,11 +29,13 @@ class AlignTrainer(Trainer):
     """Aligns the student's image tower (and text tower, where texts exist) to a frozen teacher."""
 
     stage = "align"
+    loss_names = ("loss", "loss_image", "loss_text")
 
     def __init__(self, cfg: TrainConfig, env: DistributedEnv):
         super().__init__(cfg, env)
         # Inputs are checked before any model is built, so a typo fails in seconds.
         self.train_urls = expand_urls(cfg.train_data)
+        self.check_train_shards(self.train_urls)
         self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
         classnames = load_classnames(cfg.classnames) if cfg.classnames else None
         templates = load_templates(cfg.templates) if cfg.templates else None
@@ -51,15 +53,28 @@ class AlignTrainer(Trainer):
             image_transforms={STUDENT_IMAGE: student_preprocess, TEACHER_IMAGE: teacher_preprocess},
             classnames=classnames,
             templates=templates,
+            max_caption_chars=cfg.max_caption_chars or None,
         )
         tokenizers = {STUDENT_TEXT: student_tokenizer, TEACHER_TEXT: teacher_tokenizer}
         self.collate = Collate(image_fields=(STUDENT_IMAGE, TEACHER_IMAGE), tokenizers=tokenizers)
         self.setup(self.student, cfg.model, num_samples)
 
-    def train_loader(self, epoch: int):
-        cfg = self.cfg
-        return build_loader(self.train_urls, self.decoder, self.collate, cfg.batch_size, cfg.workers,
-                            shuffle=True, seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer)
+    def train_loader(self, epoch: int, skip_batches: int = 0):
+        return self.shard_loader(self.train_urls, self.decoder, self.collate, epoch, skip_batches)
+
+    def check_first_batches(self, batches: List[Dict]) -> None:
+        """Stop when the text loss is on but no sample of the first step, on any rank, has a text."""
+        if self.cfg.text_loss_weight == 0:
+            return
+        texts = torch.tensor([sum(len(batch["text_index"]) for batch in batches)], device=self.device)
+        if all_reduce_sum(texts).item() > 0:
+            return
+        raise ValueError(
+            f"no sample of the first {sum(batch['size'] for batch in batches)} in --train-data {self.cfg.train_data} "
+            f"has a text: the shards carry no 'txt' captions, and no 'cls' labels with --classnames and --templates "
+            f"to build prompts from; pass shards with captions, add --classnames and --templates for labelled "
+            f"shards, or set --text-loss-weight 0 to align the image tower alone"
+        )
 
     def compute_loss(self, batch: Dict, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
         device = self.device
@@ -94,14 +109,17 @@ class AlignTrainer(Trainer):
         self.student.eval()
         loader = build_loader(self.val_urls, self.decoder, self.collate, self.cfg.batch_size,
                               self.cfg.workers, shuffle=False, seed=self.cfg.seed)
-        totals = torch.zeros(2, dtype=torch.float64)  # image loss sum, samples
+        totals = torch.zeros(4, dtype=torch.float64)  # image loss sum, samples, bad samples, samples read
         for batch in loader:
-            self.bad_samples.update(batch)
+            bad, seen = self.bad_samples.log(batch)
+            totals[2:] += torch.tensor([bad, seen], dtype=torch.float64)
             if batch["size"] == 0:
                 continue
             losses = self.compute_loss(batch, self.student)
-            totals += torch.tensor([losses["loss_image"].item() * batch["size"], batch["size"]], dtype=torch.float64)
+            totals[:2] += torch.tensor([losses["loss_image"].item() * batch["size"], batch["size"]],
+                                       dtype=torch.float64)
         totals = all_reduce_sum(totals.to(self.device)).cpu()
+        self.bad_samples.add(int(totals[2]), int(totals[3]))
         return {"val_loss_image": (totals[0] / max(totals[1], 1)).item(), "val_samples": int(totals[1])}
 
 

@@ -30,6 +30,7 @@ def class_prompts(classnames: List[str], templates: List[str]) -> List[str]:
 
 class TextAlignTrainer(Trainer):
     stage = "align-text"
+    loss_names = ("loss", "loss_text")
 
     def __init__(self, cfg: TrainConfig, env: DistributedEnv):
         super().__init__(cfg, env)
@@ -40,7 +41,7 @@ class TextAlignTrainer(Trainer):
             _logger.info("%d class prompts from %s and %s", len(prompts), cfg.classnames, cfg.templates)
         if cfg.train_data:
             urls = expand_urls(cfg.train_data)
-            captions = read_captions(urls)
+            captions = _drop_long_captions(read_captions(urls), cfg.max_caption_chars, "--train-data")
             if not captions and not texts:
                 raise ValueError(
                     f"--train-data {cfg.train_data} carries no 'txt' captions; pass --classnames and --templates "
@@ -49,6 +50,7 @@ class TextAlignTrainer(Trainer):
             texts.extend(captions)
             _logger.info("%d captions from %d shards", len(captions), len(urls))
         val_texts = read_captions(expand_urls(cfg.val_data)) if cfg.val_data else []
+        val_texts = _drop_long_captions(val_texts, cfg.max_caption_chars, "--val-data")
         if cfg.val_data and not val_texts:
             raise ValueError(f"--val-data {cfg.val_data} carries no 'txt' captions to validate the text tower on")
 
@@ -79,12 +81,16 @@ class TextAlignTrainer(Trainer):
         self.model.train()
         self.student.visual.eval()
 
-    def train_loader(self, epoch: int):
-        """Shuffled index batches; each rank takes every world_size-th index of the permutation."""
+    def train_loader(self, epoch: int, skip_batches: int = 0):
+        """Shuffled index batches; each rank takes every world_size-th index of the permutation.
+
+        The order depends on the seed and the epoch only, so the batches after ``skip_batches`` are
+        those of an uninterrupted run.
+        """
         cfg, env = self.cfg, self.env
         generator = torch.Generator().manual_seed(cfg.seed * 1000003 + epoch)
         order = torch.randperm(len(self.tokens), generator=generator)
-        per_epoch = self.steps_per_epoch * cfg.batch_size * env.world_size
+        per_epoch = self.steps_per_epoch * cfg.batch_size * env.world_size * cfg.accum_freq
         order = order.repeat((per_epoch + len(order) - 1) // len(order))[:per_epoch]
         mine = order[env.rank::env.world_size]
         for start in range(0, len(mine), cfg.batch_size):
@@ -115,6 +121,17 @@ class TextAlignTrainer(Trainer):
             totals += torch.tensor([loss.item() * len(index), len(index)], dtype=torch.float64)
         totals = all_reduce_sum(totals.to(self.device)).cpu()
         return {"val_loss_text": (totals[0] / max(totals[1], 1)).item(), "val_samples": int(totals[1])}
+
+
+def _drop_long_captions(captions: List[str], max_chars: int, option: str) -> List[str]:
+    """Keep the captions of at most ``max_chars`` characters (all when it is 0), with a warning for the rest."""
+    if not max_chars:
+        return captions
+    kept = [caption for caption in captions if len(caption) <= max_chars]
+    if len(kept) < len(captions):
+        _logger.warning("skipped %d captions of %s longer than --max-caption-chars %d", len(captions) - len(kept),
+                        option, max_chars)
+    return kept
 
 
 def run(cfg: TrainConfig) -> Dict[str, float]:

@@ -7,11 +7,13 @@ Two files per checkpoint, both loadable without unpickling arbitrary objects:
   JSON; a ``.pt`` file is the dict ``{"state_dict": ..., "model_name": ..., "model_cfg": JSON,
   "args": JSON}`` that ``torch.load(weights_only=True)`` reads. ``open_clip.create_model(name,
   pretrained=PATH)`` loads either.
-* ``NAME.state.pt``: optimiser, scheduler, step, epoch and RNG states for ``--resume``, read with
-  ``torch.load(weights_only=True)``.
+* ``NAME.state.pt``: everything ``--resume`` needs in one file (the weights again, optimiser,
+  scheduler, step, epoch, data position and RNG states), read with ``torch.load(weights_only=True)``.
+  Two files written one after the other could disagree after a crash between the writes, and one
+  file cannot.
 
-Each file is written to a temporary name in the same folder and renamed, so a crash never leaves a
-half-written checkpoint under the final name.
+Each file is written to a temporary name in the same folder, flushed to disk and renamed, so a crash
+never leaves a half-written checkpoint under the final name.
 """
 import contextlib
 import json
@@ -19,7 +21,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -31,7 +33,8 @@ WEIGHTS_SUFFIXES = (".safetensors", ".pt")
 STATE_SUFFIX = ".state.pt"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write: Callable[[str], Any]) -> None:
+    """Call ``write(tmp_name)`` to fill a temporary file beside ``path``, flush it and rename it to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -49,6 +52,31 @@ def _atomic_write(path: Path, write) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Flush a folder's entries, so that a rename survives a power loss (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rotate(path: Union[str, Path], previous: Union[str, Path]) -> bool:
+    """Rename ``path`` to ``previous``, replacing it, when ``path`` exists; returns whether it did."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    os.replace(path, previous)
+    _fsync_directory(path.parent)
+    return True
 
 
 def save_weights(
@@ -71,21 +99,22 @@ def save_weights(
         "args": json.dumps(args or {}, sort_keys=True, default=str),
     }
     if path.suffix == ".safetensors":
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     else:
         payload = {"state_dict": tensors, **{k: v for k, v in metadata.items() if k != "format"}}
-        _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
     return path
 
 
 def save_training_state(path: Union[str, Path], state: Dict[str, Any]) -> Path:
     """Write a resumable training state with ``torch.save``, atomically."""
     path = Path(path)
-    _atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path
 
 
 def load_training_state(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a training state; ``weights_only=True`` rejects anything but tensors and plain containers."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

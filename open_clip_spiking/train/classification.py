@@ -31,15 +31,18 @@ def evaluate_top1(
     """Top-1 and top-5 accuracy of ``model`` with a ``[C, D]`` class-embedding classifier.
 
     The model runs in eval mode and is returned to its previous mode; counts are summed over ranks.
+    Bad samples are logged as they come and added to ``bad_samples`` once, after the ranks' counts
+    are summed, so that every rank reaches the same verdict.
     """
     was_training = model.training
     model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)  # top-1 hits, top-5 hits, samples
+    counts = torch.zeros(5, dtype=torch.float64)  # top-1 hits, top-5 hits, samples, bad samples, samples read
     try:
         loader = build_loader(urls, decoder, collate, batch_size, workers, shuffle=False, seed=0)
         for batch in loader:
             if bad_samples is not None:
-                bad_samples.update(batch)
+                bad, seen = bad_samples.log(batch)
+                counts[3:] += torch.tensor([bad, seen], dtype=torch.float64)
             if batch["size"] == 0:
                 continue
             with autocast(precision, device):
@@ -47,7 +50,7 @@ def evaluate_top1(
             logits = cosine_logits(features, classifier, 1.0)
             labels = batch["label"].to(device)
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-            counts += torch.tensor([
+            counts[:3] += torch.tensor([
                 (top[:, 0] == labels).sum().item(),
                 (top == labels[:, None]).any(dim=-1).sum().item(),
                 batch["size"],
@@ -55,6 +58,8 @@ def evaluate_top1(
     finally:
         model.train(was_training)
     counts = all_reduce_sum(counts.to(device)).cpu()
+    if bad_samples is not None:
+        bad_samples.add(int(counts[3].item()), int(counts[4].item()))
     samples = max(counts[2].item(), 1.0)
     return {"val_top1": counts[0].item() / samples, "val_top5": counts[1].item() / samples,
             "val_samples": int(counts[2].item())}

@@ -1,7 +1,8 @@
 """Typed training configuration and the command-line parser that fills it.
 
 Flag names follow open_clip_train where the meaning is the same (``--model``, ``--train-data``,
-``--epochs``, ``--batch-size``, ``--lr``, ``--workers``, ``--precision``, ``--seed``, ``--resume``).
+``--epochs``, ``--batch-size``, ``--lr``, ``--workers``, ``--precision``, ``--seed``, ``--resume``,
+``--accum-freq``, ``--dataset-resampled``).
 The argparse namespace stops here: the stages receive a ``TrainConfig``.
 """
 import argparse
@@ -83,6 +84,12 @@ class TrainConfig:
     lock_image: bool = False
     lock_image_unlocked_groups: int = 0
     lock_image_freeze_bn_stats: bool = False
+    accum_freq: int = 1
+    sync_bn: bool = False
+    dataset_resampled: bool = False
+    save_every_n_steps: Optional[int] = None
+    max_nonfinite_steps: int = 5
+    max_caption_chars: int = 2048
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=positive_int, default=1, help="number of passes over --train-data")
     parser.add_argument("--max-steps", type=positive_int, default=None,
                         help="stop after this many optimiser steps in total (short runs)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="samples per step on each device")
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="samples per forward pass on each device; one step takes --accum-freq of them")
+    parser.add_argument("--accum-freq", type=positive_int, default=1,
+                        help="accumulate the gradients of this many batches before each optimiser step; the "
+                             "global batch is --batch-size x devices x --accum-freq")
     parser.add_argument("--lr", type=positive_float, default=None,
                         help="peak learning rate; per stage when omitted: " + _stage_lr_help(0))
     parser.add_argument("--lr-min", type=float, default=None,
@@ -167,16 +178,35 @@ def build_parser() -> argparse.ArgumentParser:
                           help="layer groups left trainable by --lock-image")
     finetune.add_argument("--lock-image-freeze-bn-stats", action="store_true",
                           help="with --lock-image, also freeze the BatchNorm statistics of the locked layers")
-    parser.add_argument("--workers", type=non_negative_int, default=2, help="data-loader worker processes")
+    parser.add_argument("--workers", type=non_negative_int, default=2,
+                        help="data-loader worker processes per device; --train-data needs at least devices x "
+                             "workers shards unless --dataset-resampled is set")
+    parser.add_argument("--dataset-resampled", action="store_true",
+                        help="draw training shards with replacement, endlessly, instead of giving each "
+                             "data-loader worker its own share of the shards (open_clip_train's flag); any number "
+                             "of shards then works")
+    parser.add_argument("--sync-bn", action="store_true",
+                        help="with several devices, compute BatchNorm statistics over the global batch "
+                             "(SyncBatchNorm) instead of over each device's batch")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32, or bf16 autocast for the student and teacher")
     parser.add_argument("--device", default=None, help="torch device; cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--resume", default=None,
-                        help="'latest' to continue from OUTPUT_DIR/latest, or a path to a .state.pt file")
+                        help="'latest' to continue from OUTPUT_DIR/latest.state.pt (or previous.state.pt when "
+                             "latest is unreadable), or a path to a .state.pt file")
+    parser.add_argument("--save-every-n-steps", type=positive_int, default=None,
+                        help="also write the latest checkpoint every N optimiser steps, so --resume latest loses "
+                             "at most N steps; by default it is written at the end of each epoch only")
     parser.add_argument("--log-every-n-steps", type=positive_int, default=10, help="log and record metrics every N steps")
     parser.add_argument("--max-bad-fraction", type=fraction, default=0.01,
                         help="abort when more than this share of samples cannot be used")
+    parser.add_argument("--max-caption-chars", type=non_negative_int, default=2048,
+                        help="a caption line longer than this many characters makes its sample bad (the text "
+                             "towers read at most 77 tokens); 0 turns the check off")
+    parser.add_argument("--max-nonfinite-steps", type=positive_int, default=5,
+                        help="abort after this many consecutive steps with a non-finite loss or gradient; each "
+                             "such step is skipped without an update")
     parser.add_argument("--shuffle-buffer", type=positive_int, default=1000, help="samples in the shuffle buffer")
     return parser
 

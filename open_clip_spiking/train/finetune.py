@@ -27,8 +27,8 @@ import torch.nn.functional as F
 
 from .classification import evaluate_top1, image_features
 from .config import TrainConfig
-from .data import Collate, SampleDecoder, build_loader, count_samples, expand_urls, load_classnames, load_templates
-from .distributed import DistributedEnv
+from .data import Collate, SampleDecoder, count_samples, expand_urls, load_classnames, load_templates
+from .distributed import DistributedEnv, broadcast_buffers
 from .losses import cosine_logits, distillation_kl, gradient_angle
 from .models import build_student, build_teacher, check_embed_dims, class_embeddings
 from .trainer import Trainer, autocast, run_stage
@@ -60,10 +60,12 @@ def dual_loss(
 class FinetuneTrainer(Trainer):
     stage = "finetune"
     evaluate_at_start = True
+    loss_names = ("loss", "loss_ce", "loss_kd")
 
     def __init__(self, cfg: TrainConfig, env: DistributedEnv):
         super().__init__(cfg, env)
         self.train_urls = expand_urls(cfg.train_data)
+        self.check_train_shards(self.train_urls)
         self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
         classnames = load_classnames(cfg.classnames)
         templates = load_templates(cfg.templates)
@@ -91,14 +93,16 @@ class FinetuneTrainer(Trainer):
         image_transforms = {STUDENT_IMAGE: student_preprocess}
         if cfg.kd_weight != 0:
             image_transforms[TEACHER_IMAGE] = teacher_preprocess
-        self.decoder = SampleDecoder(image_transforms=image_transforms, classnames=classnames, require_label=True)
+        self.decoder = SampleDecoder(image_transforms=image_transforms, classnames=classnames, require_label=True,
+                                     read_text=False)
         self.collate = Collate(image_fields=tuple(image_transforms))
+        # The angle rule's per-term gradients, summed over the batches of the current step.
+        self._ce_grads: Optional[List[torch.Tensor]] = None
+        self._kd_grads: Optional[List[torch.Tensor]] = None
         self.setup(self.student, cfg.model, num_samples)
 
-    def train_loader(self, epoch: int):
-        cfg = self.cfg
-        return build_loader(self.train_urls, self.decoder, self.collate, cfg.batch_size, cfg.workers,
-                            shuffle=True, seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer)
+    def train_loader(self, epoch: int, skip_batches: int = 0):
+        return self.shard_loader(self.train_urls, self.decoder, self.collate, epoch, skip_batches)
 
     def compute_loss(self, batch: Dict, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
         cfg, device = self.cfg, self.device
@@ -112,31 +116,44 @@ class FinetuneTrainer(Trainer):
         student_logits = cosine_logits(features, self.classifier, cfg.logit_scale)
         return dual_loss(student_logits, teacher_logits, batch["label"].to(device), cfg)
 
-    def train_step(self, batch: Dict) -> Dict[str, float]:
-        if self.cfg.grad_angle_bound is None or self.cfg.kd_weight == 0:
-            return super().train_step(batch)
-        # The two gradients are taken with autograd.grad, outside DDP's reducer, and averaged over
-        # ranks by hand; so the forward runs on the unwrapped model.
-        self.set_train_mode()
-        losses = self.compute_loss(batch, self.trainable)
-        extra = self._angle_rule_step(losses)
-        self.step += 1
-        metrics = {name: value.item() for name, value in losses.items()}
-        metrics.update(extra)
-        return metrics
+    def _angle_rule(self) -> bool:
+        return self.cfg.grad_angle_bound is not None and self.cfg.kd_weight != 0
 
-    def _angle_rule_step(self, losses: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    def forward_model(self) -> torch.nn.Module:
+        # The angle rule takes the two gradients with autograd.grad, outside DDP's reducer, and
+        # averages them over ranks by hand. So its forward runs on the unwrapped model.
+        return self.trainable if self._angle_rule() else self.model
+
+    def train_step(self, batches: List[Dict]) -> Dict[str, float]:
+        if self._angle_rule():
+            self._ce_grads = self._kd_grads = None
+            # DDP copies rank 0's BatchNorm statistics to the other ranks in its forward. This path
+            # bypasses that forward, so it copies them itself.
+            broadcast_buffers(self.trainable)
+        return super().train_step(batches)
+
+    def backward(self, losses: Dict[str, torch.Tensor], scale: float) -> None:
+        if not self._angle_rule():
+            super().backward(losses, scale)
+            return
         cfg = self.cfg
         params = [p for p in self.trainable.parameters() if p.requires_grad]
-        ce_grads = torch.autograd.grad(cfg.ce_weight * losses["loss_ce"], params, retain_graph=True,
+        ce_grads = torch.autograd.grad(scale * cfg.ce_weight * losses["loss_ce"], params, retain_graph=True,
                                        allow_unused=True)
-        kd_grads = torch.autograd.grad(cfg.kd_weight * losses["loss_kd"], params, allow_unused=True)
-        ce_grads, kd_grads = _dense_average(ce_grads, params), _dense_average(kd_grads, params)
+        kd_grads = torch.autograd.grad(scale * cfg.kd_weight * losses["loss_kd"], params, allow_unused=True)
+        self._ce_grads = _accumulate(self._ce_grads, ce_grads, params)
+        self._kd_grads = _accumulate(self._kd_grads, kd_grads, params)
+
+    def finish_gradients(self) -> Dict[str, float]:
+        """Under the angle rule, set the step's gradient to CE + KD or to CE alone."""
+        if not self._angle_rule():
+            return {}
+        params = [p for p in self.trainable.parameters() if p.requires_grad]
+        ce_grads, kd_grads = _average_over_ranks(self._ce_grads), _average_over_ranks(self._kd_grads)
         angle = gradient_angle(ce_grads, kd_grads)
-        combined = angle <= cfg.grad_angle_bound
+        combined = angle <= self.cfg.grad_angle_bound
         for param, ce, kd in zip(params, ce_grads, kd_grads):
             param.grad = ce + kd if combined else ce
-        self.clip_and_step()
         return {"grad_angle": angle, "kd_applied": float(combined)}
 
     def evaluate(self) -> Optional[Dict[str, float]]:
@@ -147,19 +164,26 @@ class FinetuneTrainer(Trainer):
                              self.cfg.precision, self.bad_samples)
 
 
-def _dense_average(grads, params) -> List[torch.Tensor]:
-    """Gradients with zeros for unused parameters, averaged over ranks when running distributed.
-
-    Every rank reduces one flat tensor of the same length, so a parameter unused on one rank only
-    cannot make the ranks disagree.
-    """
+def _accumulate(total: Optional[List[torch.Tensor]], grads, params) -> List[torch.Tensor]:
+    """Add ``grads`` to ``total``, with zeros for parameters that got no gradient."""
     dense = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
-    if not dist.is_initialized():
+    if total is None:
         return dense
-    flat = torch.cat([g.reshape(-1) for g in dense])
+    return [t + g for t, g in zip(total, dense)]
+
+
+def _average_over_ranks(grads: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Gradients averaged over ranks when running distributed.
+
+    Every rank reduces one flat tensor of the same length (unused parameters hold zeros), so a
+    parameter unused on one rank only cannot make the ranks disagree.
+    """
+    if not dist.is_initialized():
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
-    return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in dense]), dense)]
+    return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
 def run(cfg: TrainConfig) -> Dict[str, float]:

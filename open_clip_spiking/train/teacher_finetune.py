@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .classification import evaluate_top1, image_features
 from .config import TrainConfig
-from .data import Collate, SampleDecoder, build_loader, count_samples, expand_urls, load_classnames, load_templates
+from .data import Collate, SampleDecoder, count_samples, expand_urls, load_classnames, load_templates
 from .distributed import DistributedEnv
 from .losses import cosine_logits
 from .models import build_teacher, class_embeddings
@@ -28,10 +28,12 @@ IMAGE = "image"
 class TeacherFinetuneTrainer(Trainer):
     stage = "teacher-finetune"
     evaluate_at_start = True
+    loss_names = ("loss", "loss_ce")
 
     def __init__(self, cfg: TrainConfig, env: DistributedEnv):
         super().__init__(cfg, env)
         self.train_urls = expand_urls(cfg.train_data)
+        self.check_train_shards(self.train_urls)
         self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
         classnames = load_classnames(cfg.classnames)
         templates = load_templates(cfg.templates)
@@ -45,7 +47,8 @@ class TeacherFinetuneTrainer(Trainer):
             self.teacher.lock_image_tower(
                 unlocked_groups=cfg.lock_image_unlocked_groups, freeze_bn_stats=cfg.lock_image_freeze_bn_stats
             )
-        self.decoder = SampleDecoder(image_transforms={IMAGE: preprocess}, classnames=classnames, require_label=True)
+        self.decoder = SampleDecoder(image_transforms={IMAGE: preprocess}, classnames=classnames, require_label=True,
+                                     read_text=False)
         self.collate = Collate(image_fields=(IMAGE,))
         self.setup(self.teacher, cfg.teacher, num_samples)
 
@@ -56,10 +59,8 @@ class TeacherFinetuneTrainer(Trainer):
         if text is not None:
             text.eval()
 
-    def train_loader(self, epoch: int):
-        cfg = self.cfg
-        return build_loader(self.train_urls, self.decoder, self.collate, cfg.batch_size, cfg.workers,
-                            shuffle=True, seed=cfg.seed, epoch=epoch, shuffle_buffer=cfg.shuffle_buffer)
+    def train_loader(self, epoch: int, skip_batches: int = 0):
+        return self.shard_loader(self.train_urls, self.decoder, self.collate, epoch, skip_batches)
 
     def compute_loss(self, batch: Dict, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
         with autocast(self.cfg.precision, self.device):
