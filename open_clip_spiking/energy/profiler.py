@@ -4,7 +4,6 @@ Each model gets its own open_clip preprocessing of every image. Shards are read 
 reader (``train.data``), in shard order and without shuffling, so two runs see the same images.
 """
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,8 +194,6 @@ def _run_images(cfg: ProfileConfig, urls: List[str], models: List[_Profiled], ca
     tokenizers = {}
     if cfg.text_source == "captions":
         tokenizers = {f"{profiled.name}/text": profiled.tokenizer for profiled in models}
-        # SampleDecoder picks one caption line per image with the random module.
-        random.seed(cfg.seed)
     skipped = [0]
     num_images = 0
     for profiled in models:
