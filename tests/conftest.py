@@ -84,3 +84,19 @@ def cifar_subset(wds_root, tmp_path_factory):
     for name in ("classnames.txt", "zeroshot_classification_templates.txt"):
         shutil.copy(source / name, folder / name)
     return folder
+
+
+@pytest.fixture
+def single_thread():
+    """Run the test with one torch thread, restoring the previous count afterwards.
+
+    Tests that compare a forked process (which runs single-threaded) with a run in the test process
+    need the same thread count on both sides, because sums over a different number of threads round
+    differently and a spike at its threshold can flip.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -18,7 +18,12 @@ def _free_port() -> int:
 
 
 def _join_group(rank: int, world_size: int, port: int) -> None:
-    """Set the variables torchrun sets, on the loopback interface only."""
+    """Set the variables torchrun sets, on the loopback interface only.
+
+    It also limits the forked rank to one thread: GNU OpenMP's thread pool does not survive fork, so
+    a child of a process that has run parallel regions hangs in its first one.
+    """
+    torch.set_num_threads(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
 
@@ -64,7 +69,7 @@ def _losses(output_dir):
     return [(record["step"], record["loss"]) for record in _records(output_dir)]
 
 
-def test_ddp_matches_single_process(wds_root, tiny_teacher, tmp_path):
+def test_ddp_matches_single_process(wds_root, tiny_teacher, tmp_path, single_thread):
     # Two ranks with one data-loader worker each read the same two shard streams as one process with two
     # workers. The DataLoader alternates between its workers, so with --accum-freq 2 the single process
     # takes the two ranks' batches as its two batches of each step. Each forward pass then sees the

@@ -43,6 +43,8 @@ def _log(output_dir):
 
 def _train_until_step(argv, reached, stop_step: int) -> None:
     """Train, and once ``stop_step`` steps are done, signal ``reached`` and wait to be killed."""
+    # GNU OpenMP's thread pool does not survive fork: a forked child that runs parallel regions hangs.
+    torch.set_num_threads(1)
     from open_clip_spiking.train import trainer
 
     original = trainer.Trainer.train_step
@@ -57,7 +59,7 @@ def _train_until_step(argv, reached, stop_step: int) -> None:
     main(argv)
 
 
-def test_killed_run_resumes_to_same_weights(wds_root, tiny_teacher, tmp_path):
+def test_killed_run_resumes_to_same_weights(wds_root, tiny_teacher, tmp_path, single_thread):
     # Two data-loader workers and prompt templates drawn per sample: the resumed run must rebuild the
     # same batches, with the same template choices, from the middle of the epoch (50 steps long).
     extra = ("--workers", "2", "--max-steps", "8", "--save-every-n-steps", "2")
