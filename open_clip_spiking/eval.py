@@ -136,6 +136,11 @@ def evaluate(args: argparse.Namespace) -> Dict:
     label_sets = _label_sets(classnames, synonyms, distractors, args)
     if args.model not in open_clip.list_models():
         raise ValueError(f"unknown model {args.model!r}; pass a name from open_clip.list_models()")
+    tags = open_clip.list_pretrained_tags_by_model(args.model)
+    if args.pretrained and args.pretrained not in tags and not Path(args.pretrained).is_file():
+        known = f"; pretrained tags of {args.model}: {', '.join(tags)}" if tags else ""
+        raise FileNotFoundError(f"--pretrained {args.pretrained} is neither a checkpoint file nor a pretrained "
+                                f"tag{known}")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=args.pretrained,

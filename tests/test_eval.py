@@ -66,3 +66,18 @@ def test_distractor_duplicate_rejected(student_checkpoint, cifar_subset, tmp_pat
     distractors.write_text("tractor\ncat\n")
     assert main(_args(student_checkpoint, cifar_subset, "--distractors", str(distractors))) == 2
     assert "repeats class names ['cat']" in capsys.readouterr().err
+
+
+def test_missing_class_folder_named(student_checkpoint, tmp_path, capsys):
+    args = ["--model", "spikeclip-vit-t", "--pretrained", str(student_checkpoint), "--data", str(tmp_path),
+            "--classnames", str(tmp_path / "missing")]
+    assert main(args) == 2
+    assert f"--classnames {tmp_path / 'missing'} not found" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_named(cifar_subset, tmp_path, capsys):
+    missing = tmp_path / "missing.safetensors"
+    args = ["--model", "spikeclip-vit-t", "--pretrained", str(missing), "--data", str(cifar_subset / "test"),
+            "--classnames", str(cifar_subset)]
+    assert main(args) == 2
+    assert f"--pretrained {missing} is neither a checkpoint file nor a pretrained tag" in capsys.readouterr().err

@@ -14,9 +14,11 @@ def _softmax(row):
     return [e / sum(exps) for e in exps]
 
 
-def _config(*extra):
+def _config(folder, *extra):
+    classnames = folder / "names.txt"
+    classnames.write_text("cat\ndog\nbird\n")
     return parse_args(["--stage", "finetune", "--teacher", "t", "--train-data", "x.tar", "--output-dir", "out",
-                       "--classnames", "names.txt", "--templates", "templates.txt", *extra])
+                       "--classnames", str(classnames), "--templates", "templates.txt", *extra])
 
 
 STUDENT = [[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]
@@ -55,8 +57,8 @@ def test_distillation_kl_is_zero_for_equal_logits():
     assert distillation_kl(logits, logits + 3.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_dual_loss_weights():
-    cfg = _config("--ce-weight", "0.5", "--kd-weight", "2", "--kd-reduction", "batchmean")
+def test_dual_loss_weights(tmp_path):
+    cfg = _config(tmp_path, "--ce-weight", "0.5", "--kd-weight", "2", "--kd-reduction", "batchmean")
     losses = dual_loss(torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(LABELS), cfg)
     ce, kl = _ce_by_hand(STUDENT, LABELS), _kl_by_hand(STUDENT, TEACHER) / 2
     assert losses["loss_ce"].item() == pytest.approx(ce, rel=1e-5)
@@ -64,8 +66,8 @@ def test_dual_loss_weights():
     assert losses["loss"].item() == pytest.approx(0.5 * ce + 2 * kl, rel=1e-5)
 
 
-def test_dual_loss_defaults_are_spikeclips():
-    cfg = _config()
+def test_dual_loss_defaults_are_spikeclips(tmp_path):
+    cfg = _config(tmp_path)
     assert (cfg.ce_weight, cfg.kd_weight, cfg.kd_temperature, cfg.kd_reduction, cfg.logit_scale) == (
         1.0, 1.0, 1.0, "sum", 1.0)
     losses = dual_loss(torch.tensor(STUDENT), torch.tensor(TEACHER), torch.tensor(LABELS), cfg)
@@ -73,8 +75,8 @@ def test_dual_loss_defaults_are_spikeclips():
                                                   rel=1e-5)
 
 
-def test_dual_loss_without_teacher_is_cross_entropy():
-    cfg = _config("--kd-weight", "0")
+def test_dual_loss_without_teacher_is_cross_entropy(tmp_path):
+    cfg = _config(tmp_path, "--kd-weight", "0")
     losses = dual_loss(torch.tensor(STUDENT), None, torch.tensor(LABELS), cfg)
     assert set(losses) == {"loss", "loss_ce"}
     assert losses["loss"].item() == pytest.approx(_ce_by_hand(STUDENT, LABELS), rel=1e-5)

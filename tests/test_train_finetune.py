@@ -212,9 +212,18 @@ def test_finetune_needs_a_class_list(capsys):
 
 
 def test_stage_learning_rates(tmp_path):
-    base = ["--teacher", "t", "--output-dir", "out", "--classnames", "n.txt", "--templates", "t.txt"]
+    (tmp_path / "n.txt").write_text("cat\ndog\n")
+    base = ["--teacher", "t", "--output-dir", "out", "--classnames", str(tmp_path / "n.txt"), "--templates", "t.txt"]
     assert parse_args(["--stage", "align", "--train-data", "x.tar", *base]).lr == 5e-3
     finetune = parse_args(["--stage", "finetune", "--train-data", "x.tar", *base])
     assert (finetune.lr, finetune.lr_min) == (1e-3, 1e-4)
     assert parse_args(["--stage", "teacher-finetune", "--train-data", "x.tar", *base]).lr == 5e-5
     assert parse_args(["--stage", "align-text", *base]).train_data is None
+
+
+def test_missing_class_list_path_named(tmp_path, capsys):
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(SystemExit):
+        parse_args(["--stage", "finetune", "--teacher", "t", "--train-data", "x.tar", "--output-dir", "out",
+                    "--classnames", str(missing), "--templates", "t.txt"])
+    assert f"--classnames {missing} not found" in capsys.readouterr().err

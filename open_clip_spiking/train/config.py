@@ -216,7 +216,15 @@ def _stage_lr_help(index: int) -> str:
 
 
 def resolve_class_files(classnames: Optional[str], templates: Optional[str]):
-    """Turn a clip_benchmark dataset folder given as ``classnames`` into its two files."""
+    """Turn a clip_benchmark dataset folder given as ``classnames`` into its two files.
+
+    Raises FileNotFoundError when ``classnames`` names neither a file nor a folder.
+    """
+    if classnames is not None and not os.path.exists(classnames):
+        raise FileNotFoundError(
+            f"--classnames {classnames} not found; pass a class names file or a clip_benchmark dataset folder "
+            f"that holds {CLASSNAMES_FILE}"
+        )
     if classnames is not None and os.path.isdir(classnames):
         folder = classnames
         classnames = os.path.join(folder, CLASSNAMES_FILE)
@@ -228,7 +236,10 @@ def resolve_class_files(classnames: Optional[str], templates: Optional[str]):
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.classnames, args.templates = resolve_class_files(args.classnames, args.templates)
+    try:
+        args.classnames, args.templates = resolve_class_files(args.classnames, args.templates)
+    except FileNotFoundError as error:
+        parser.error(str(error))
     if (args.classnames is None) != (args.templates is None):
         parser.error("--classnames and --templates go together; pass both, or a clip_benchmark dataset folder "
                      "as --classnames")
