@@ -28,3 +28,13 @@ def fraction(value: str) -> float:
     if not 0.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return number
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show defaults in help, except where they mislead: required options, on/off switches and None."""
+
+    def _get_help_string(self, action):
+        switch = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+        if action.required or switch or action.default is None:
+            return action.help
+        return super()._get_help_string(action)

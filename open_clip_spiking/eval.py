@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from ._cli import positive_int
+from ._cli import HelpFormatter, positive_int
 
 _logger = logging.getLogger("open_clip_spiking.eval")
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m open_clip_spiking.eval",
         description="Top-1/top-5 zero-shot accuracy of an open_clip model with the original, renamed or "
                     "expanded class list.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", required=True, help="open_clip model name, e.g. spikeclip-vit-s")
     parser.add_argument("--pretrained", default=None, help="checkpoint path or open_clip pretrained tag")

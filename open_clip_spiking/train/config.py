@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from .._cli import fraction, non_negative_int, positive_float, positive_int
+from .._cli import HelpFormatter, fraction, non_negative_int, positive_float, positive_int
 
 STAGES = ("align", "align-text", "teacher-finetune", "finetune")
 PRECISIONS = ("fp32", "bf16")
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m open_clip_spiking.train",
         description="Distil a spiking SpikeCLIP student from a frozen open_clip teacher.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--stage", choices=STAGES, required=True, help=STAGE_HELP)
     parser.add_argument("--model", default="spikeclip-vit-s", help="open_clip config name of the spiking student")
