@@ -81,7 +81,7 @@ def _label_sets(classnames: List[str], synonyms: Optional[List[str]], distractor
 
 @torch.no_grad()
 def image_features_and_labels(model, urls, preprocess, classnames, batch_size, workers, device, max_samples=None):
-    """Normalised image features ``[N, D]`` and labels ``[N]`` of labelled shards, plus bad-sample records."""
+    """Return normalised image features ``[N, D]``, labels ``[N]`` and bad-sample records of labelled shards."""
     from .train.data import Collate, SampleDecoder, build_loader
 
     decoder = SampleDecoder(image_transforms={"image": preprocess}, classnames=classnames, require_label=True)
@@ -106,7 +106,7 @@ def image_features_and_labels(model, urls, preprocess, classnames, batch_size, w
 
 
 def accuracy(features: torch.Tensor, labels: torch.Tensor, classifier: torch.Tensor) -> Dict[str, float]:
-    """Top-1 and top-5 accuracy of cosine logits against a ``[C, D]`` classifier."""
+    """Return the top-1 and top-5 accuracy of cosine logits against a ``[C, D]`` classifier."""
     logits = features @ classifier.T
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
     return {

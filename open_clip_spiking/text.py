@@ -102,11 +102,12 @@ class SpikingTextMlp(nn.Module):
     def init_parameters(self):
         """Initialise so that both LIF layers fire from the first step.
 
-        The tower has no normalisation layer, so scales are set at initialisation: token embeddings
-        of unit standard deviation drive the input LIF (threshold 1) to fire at a rate near 1/15, and
-        each linear layer starts with weights of standard deviation ``SPIKING_FAN_IN_GAIN / sqrt(fan_in)``,
-        which gives its output about unit variance at that input rate. With open_clip's usual 0.02 for
-        the embeddings no neuron fires, and every text gets the same embedding until training grows them.
+        The tower has no normalisation layer, so scales are set at initialisation. Token embeddings of
+        unit standard deviation make the input LIF (threshold 1) fire at 7 to 9% on short prompts, and
+        each linear layer starts with weights of standard deviation ``SPIKING_FAN_IN_GAIN /
+        sqrt(fan_in)``, which gives its output about unit variance at that input rate. With open_clip's
+        usual 0.02 for the embeddings no neuron fires, and every text gets the same embedding until
+        training grows them.
         """
         nn.init.normal_(self.token_embedding.weight, std=1.0)
         nn.init.normal_(self.positional_embedding, std=0.01)

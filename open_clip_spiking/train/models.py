@@ -91,7 +91,7 @@ def class_embeddings(
         templates: Sequence[str],
         device: torch.device,
 ) -> torch.Tensor:
-    """Zero-shot classifier ``[num_classes, D]`` from the model's text tower, as clip_benchmark builds it.
+    """Build the zero-shot classifier ``[num_classes, D]`` from the model's text tower, as clip_benchmark does.
 
     Each prompt embedding is L2-normalised, the prompts of a class are averaged over the templates and
     the mean is normalised again (``open_clip.build_zero_shot_classifier``). Classes are embedded one at
