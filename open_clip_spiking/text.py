@@ -111,9 +111,10 @@ class SpikingTextMlp(nn.Module):
         """
         nn.init.normal_(self.token_embedding.weight, std=1.0)
         nn.init.normal_(self.positional_embedding, std=0.01)
+        # Biases keep PyTorch's default initialisation, so the output is not exactly zero for a text that
+        # makes no hidden neuron fire (a zero embedding has no direction for the cosine losses).
         for linear in (self.fc1, self.fc2):
             nn.init.normal_(linear.weight, std=SPIKING_FAN_IN_GAIN / math.sqrt(linear.in_features))
-            nn.init.zeros_(linear.bias)
 
     @torch.jit.ignore
     def no_weight_decay(self):

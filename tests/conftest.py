@@ -6,6 +6,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ENV = "OPEN_CLIP_SPIKING_DATA"
@@ -53,7 +54,11 @@ def tiny_teacher(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher")
     (folder / f"{TINY_TEACHER}.json").write_text(json.dumps(TINY_TEACHER_CFG))
     open_clip.add_model_config(folder)
+    # Seeded, so every run of the suite distils from the same teacher.
+    generator_state = torch.get_rng_state()
+    torch.manual_seed(0)
     model = open_clip.create_model(TINY_TEACHER)
+    torch.set_rng_state(generator_state)
     weights = folder / f"{TINY_TEACHER}.safetensors"
     save_weights(weights, model.state_dict(), TINY_TEACHER, TINY_TEACHER_CFG)
     return TINY_TEACHER, weights
