@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 import torch
 
 from .config import TrainConfig
-from .data import Collate, SampleDecoder, build_loader, count_samples, expand_urls, load_classnames, load_templates
+from .data import Collate, SampleDecoder, build_loader, load_classnames, load_templates
 from .distributed import DistributedEnv, all_reduce_sum
 from .losses import cosine_alignment_loss
 from .models import build_student, build_teacher, check_embed_dims, init_text_embeddings_from_teacher
@@ -34,12 +34,9 @@ class AlignTrainer(Trainer):
     def __init__(self, cfg: TrainConfig, env: DistributedEnv):
         super().__init__(cfg, env)
         # Inputs are checked before any model is built, so a typo fails in seconds.
-        self.train_urls = expand_urls(cfg.train_data)
-        self.check_train_shards(self.train_urls)
-        self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
+        num_samples = self.read_shards()
         classnames = load_classnames(cfg.classnames) if cfg.classnames else None
         templates = load_templates(cfg.templates) if cfg.templates else None
-        num_samples = cfg.train_num_samples or count_samples(self.train_urls)
 
         self.student, student_preprocess, student_tokenizer = build_student(cfg.model, cfg.pretrained, self.device)
         self.teacher, teacher_preprocess, teacher_tokenizer = build_teacher(

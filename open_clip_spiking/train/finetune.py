@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .classification import evaluate_top1, image_features
 from .config import TrainConfig
-from .data import Collate, SampleDecoder, count_samples, expand_urls, load_classnames, load_templates
+from .data import Collate, SampleDecoder, load_classnames, load_templates
 from .distributed import DistributedEnv, broadcast_buffers
 from .losses import cosine_logits, distillation_kl, gradient_angle
 from .models import build_student, build_teacher, check_embed_dims, class_embeddings
@@ -64,12 +64,9 @@ class FinetuneTrainer(Trainer):
 
     def __init__(self, cfg: TrainConfig, env: DistributedEnv):
         super().__init__(cfg, env)
-        self.train_urls = expand_urls(cfg.train_data)
-        self.check_train_shards(self.train_urls)
-        self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
+        num_samples = self.read_shards()
         classnames = load_classnames(cfg.classnames)
         templates = load_templates(cfg.templates)
-        num_samples = cfg.train_num_samples or count_samples(self.train_urls)
 
         if cfg.pretrained is None and cfg.resume is None:
             _logger.warning("no --pretrained student given: fine-tuning a randomly initialised %s; pass the "

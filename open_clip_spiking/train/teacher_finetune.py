@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .classification import evaluate_top1, image_features
 from .config import TrainConfig
-from .data import Collate, SampleDecoder, count_samples, expand_urls, load_classnames, load_templates
+from .data import Collate, SampleDecoder, load_classnames, load_templates
 from .distributed import DistributedEnv
 from .losses import cosine_logits
 from .models import build_teacher, class_embeddings
@@ -32,12 +32,9 @@ class TeacherFinetuneTrainer(Trainer):
 
     def __init__(self, cfg: TrainConfig, env: DistributedEnv):
         super().__init__(cfg, env)
-        self.train_urls = expand_urls(cfg.train_data)
-        self.check_train_shards(self.train_urls)
-        self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
+        num_samples = self.read_shards()
         classnames = load_classnames(cfg.classnames)
         templates = load_templates(cfg.templates)
-        num_samples = cfg.train_num_samples or count_samples(self.train_urls)
 
         self.teacher, preprocess, tokenizer = build_teacher(cfg.teacher, cfg.teacher_pretrained, self.device)
         self.classifier = class_embeddings(self.teacher, tokenizer, classnames, templates, self.device)

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import build_loader, check_shard_count
+from .data import build_loader, check_shard_count, count_samples, expand_urls
 from .distributed import (
     DistributedEnv,
     all_reduce_sum,
@@ -145,6 +145,17 @@ class Trainer:
         self.nonfinite_steps = 0
         self.steps_run = 0
         self.bad_samples = BadSampleCounter(cfg.max_bad_fraction, min_samples=cfg.batch_size)
+
+    def read_shards(self) -> int:
+        """Expand and check ``--train-data`` and ``--val-data`` into ``train_urls`` and ``val_urls``.
+
+        Returns the samples of an epoch: ``--train-num-samples``, or the count of the training shards.
+        """
+        cfg = self.cfg
+        self.train_urls = expand_urls(cfg.train_data)
+        self.check_train_shards(self.train_urls)
+        self.val_urls = expand_urls(cfg.val_data) if cfg.val_data else None
+        return cfg.train_num_samples or count_samples(self.train_urls)
 
     def check_train_shards(self, urls: List[str]) -> None:
         """Reject too few shards for the ranks and data-loader workers, unless shards are resampled."""
