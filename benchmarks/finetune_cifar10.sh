@@ -7,7 +7,7 @@
 # The student is scored once before and once after fine-tuning, by the eval module at the end, so the
 # finetune stage runs without --val-data here (each validation of spikeclip-vit-s costs minutes on a CPU).
 # Budgets and paths come from the environment (defaults fit a 2-core CPU in about an hour):
-#   DATA          folder holding cifar10_jpeg          (default ../shared/data/wds)
+#   DATA          folder that contains cifar10_jpeg          (default ../shared/data/wds)
 #   TEACHER_CKPT  offline teacher checkpoint           (default /tmp/teacher/lit-effnetlite0-minilm.safetensors)
 #   MODEL         student config                       (default spikeclip-vit-s)
 #   ALIGN_SAMPLES, FINETUNE_SAMPLES, TEACHER_SAMPLES   training images per stage
@@ -31,7 +31,7 @@ WORKERS=${WORKERS:-1}
 PY=${PY:-python}
 
 if [ ! -f "$SRC/classnames.txt" ]; then
-    echo "no CIFAR-10 shards under $SRC; set DATA to the folder that holds cifar10_jpeg" >&2
+    echo "no CIFAR-10 shards under $SRC; set DATA to the folder that contains cifar10_jpeg" >&2
     exit 2
 fi
 if [ ! -f "$TEACHER_CKPT" ]; then

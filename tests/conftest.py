@@ -95,9 +95,9 @@ def cifar_subset(wds_root, tmp_path_factory):
 def single_thread():
     """Run the test with one torch thread, restoring the previous count afterwards.
 
-    Tests that compare a forked process (which runs single-threaded) with a run in the test process
-    need the same thread count on both sides, because sums over a different number of threads round
-    differently and a spike at its threshold can flip.
+    Tests that compare a forked process, which runs single-threaded, with a run in the test process
+    need the same thread count on both sides. Sums over a different number of threads round
+    differently, and a spike at its threshold can flip.
     """
     import torch
 

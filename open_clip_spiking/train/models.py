@@ -151,8 +151,8 @@ def init_text_embeddings_from_teacher(student: torch.nn.Module, teacher: torch.n
         )
         return False
     # A transformer's embeddings are small (open_clip initialises them at 0.02), far below the input
-    # LIF's threshold, so the copy is rescaled to unit standard deviation; the scale is shared by
-    # tokens and positions, which keeps every angle between embeddings.
+    # LIF's threshold, so the copy is rescaled to unit standard deviation. Tokens and positions share
+    # the factor, which keeps every angle between embeddings.
     scale = 1.0 / token.float().std().clamp_min(1e-12)
     text.token_embedding.weight.copy_(token * scale)
     student_position.copy_(position[: student_position.shape[0]] * scale)
