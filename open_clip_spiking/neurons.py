@@ -4,11 +4,13 @@ Every spiking layer in this package is a spikingjelly multi-step neuron (``step_
 ``x_seq`` shaped ``[T, B, ...]``. Stateless layers (convolution, linear, BatchNorm, attention matmuls)
 run once on ``[T * B, ...]`` so only the neurons loop over time.
 """
+import contextlib
 from dataclasses import dataclass
-from typing import Callable, Dict
+from typing import Callable, Dict, Iterator
 
 import torch
-from spikingjelly.activation_based import neuron, surrogate
+import torch.utils.checkpoint
+from spikingjelly.activation_based import functional, neuron, surrogate
 
 _SURROGATES: Dict[str, Callable[[float], surrogate.SurrogateFunctionBase]] = {
     "sigmoid": lambda alpha: surrogate.Sigmoid(alpha=alpha),
@@ -83,3 +85,42 @@ class TimeWeightedSum(torch.nn.Module):
             )
         weight = self.weight.view(-1, *([1] * (x_seq.dim() - 1)))
         return (x_seq * weight).sum(0)
+
+
+@contextlib.contextmanager
+def _recomputation(modules) -> Iterator[None]:
+    """Context of the backward-pass recomputation of a checkpointed segment.
+
+    The neurons start again from their reset state, as they did in the forward pass, and BatchNorm
+    layers normalise with the batch statistics without adding them to their running statistics a
+    second time.
+    """
+    norms = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(norm.momentum, norm.num_batches_tracked.clone() if norm.num_batches_tracked is not None else None)
+             for norm in norms]
+    for module in modules:
+        functional.reset_net(module)
+    for norm in norms:
+        norm.momentum = 0.0
+    try:
+        yield
+    finally:
+        for norm, (momentum, tracked) in zip(norms, saved):
+            norm.momentum = momentum
+            if tracked is not None:
+                norm.num_batches_tracked.copy_(tracked)
+
+
+def checkpoint_segment(function: Callable, x_seq: torch.Tensor, *modules: torch.nn.Module) -> torch.Tensor:
+    """Run ``function(x_seq)`` under activation checkpointing.
+
+    ``modules`` are the stateful layers that ``function`` uses: their neurons are reset and their
+    BatchNorm running statistics left alone while the backward pass recomputes the segment, so the
+    recomputation reproduces the forward pass exactly and the statistics are updated once.
+    """
+    return torch.utils.checkpoint.checkpoint(
+        function,
+        x_seq,
+        use_reentrant=False,
+        context_fn=lambda: (contextlib.nullcontext(), _recomputation(modules)),
+    )

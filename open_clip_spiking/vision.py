@@ -21,12 +21,11 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from spikingjelly.activation_based import functional
 from timm.layers import to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .neurons import NeuronCfg, TimeWeightedSum, create_lif, fold_time, unfold_time
+from .neurons import NeuronCfg, TimeWeightedSum, checkpoint_segment, create_lif, fold_time, unfold_time
 from .registration import timm_model_overrides
 
 _logger = logging.getLogger(__name__)
@@ -85,19 +84,34 @@ class SpikingPatchTokenizer(nn.Module):
         self.lifs = nn.ModuleList([create_lif(neuron_cfg) for _ in range(4)])
         self.rpe_conv = nn.Conv2d(embed_dim, embed_dim, 3, padding=1, bias=False)
         self.rpe_bn = nn.BatchNorm2d(embed_dim)
+        self.grad_checkpointing = False
+
+    def _stage(self, i: int, x_seq: torch.Tensor) -> torch.Tensor:
+        """LIF, convolution ``i``, BatchNorm and pooling of ``[T, B, C, H, W]`` features."""
+        s = fold_time(self.lifs[i - 1](x_seq))
+        return unfold_time(self.pools[i](self.bns[i](self.convs[i](s))), self.time_steps)
+
+    def _position(self, x_seq: torch.Tensor) -> torch.Tensor:
+        """Add the relative position embedding computed from the spikes of ``x_seq``."""
+        s = fold_time(self.lifs[3](x_seq))
+        return x_seq + unfold_time(self.rpe_bn(self.rpe_conv(s)), self.time_steps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         T = self.time_steps
         # Direct encoding: conv 0 receives the same analog image at every step, so it runs once.
         x = self.pools[0](self.bns[0](self.convs[0](x)))  # [B, C/8, H, W]
         x_seq = x.unsqueeze(0).expand(T, *x.shape)  # [T, B, C/8, H, W]
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for i in range(1, 4):
-            s = fold_time(self.lifs[i - 1](x_seq))
-            x = self.pools[i](self.bns[i](self.convs[i](s)))
-            x_seq = unfold_time(x, T)
+            if checkpointed:
+                x_seq = checkpoint_segment(partial(self._stage, i), x_seq, self.lifs[i - 1], self.bns[i])
+            else:
+                x_seq = self._stage(i, x_seq)
         # x_seq: [T, B, C, H', W'] real-valued features
-        s = fold_time(self.lifs[3](x_seq))
-        x_seq = x_seq + unfold_time(self.rpe_bn(self.rpe_conv(s)), T)
+        if checkpointed:
+            x_seq = checkpoint_segment(self._position, x_seq, self.lifs[3], self.rpe_bn)
+        else:
+            x_seq = self._position(x_seq)
         return x_seq.flatten(3).transpose(2, 3)  # [T, B, N, C]
 
 
@@ -175,12 +189,6 @@ class SpikingBlock(nn.Module):
     def forward(self, x_seq: torch.Tensor) -> torch.Tensor:
         x_seq = x_seq + self.attn(x_seq)
         return x_seq + self.mlp(x_seq)
-
-
-def _checkpointed_block(block: SpikingBlock, x_seq: torch.Tensor) -> torch.Tensor:
-    # Recomputation in the backward pass must start from the same neuron state as the forward pass.
-    functional.reset_net(block)
-    return block(x_seq)
 
 
 class SpikingVisionTransformer(nn.Module):
@@ -266,7 +274,10 @@ class SpikingVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True):
+        """Recompute each tokenizer stage and each block in the backward pass instead of storing its
+        activations; open_clip's ``CLIP.set_grad_checkpointing`` calls this."""
         self.grad_checkpointing = enable
+        self.patch_embed.grad_checkpointing = enable
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -289,9 +300,7 @@ class SpikingVisionTransformer(nn.Module):
         x_seq = self.patch_embed(x)  # [T, B, N, C]
         if self.grad_checkpointing and torch.is_grad_enabled():
             for block in self.blocks:
-                x_seq = torch.utils.checkpoint.checkpoint(
-                    partial(_checkpointed_block, block), x_seq, use_reentrant=False
-                )
+                x_seq = checkpoint_segment(block, x_seq, block)
         else:
             x_seq = self.blocks(x_seq)
         # The token mean and the time weighting are both linear, so their order does not matter.
