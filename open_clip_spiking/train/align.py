@@ -5,16 +5,18 @@ that carry a caption (or a prompt built from their class), ``text_loss_weight * 
 teacher_text))``. The student receives its own preprocessing (32x32 for ``spikeclip-vit-s``) and the
 teacher its own, of the same image.
 """
+import dataclasses
 import logging
 from typing import Dict, List, Optional
 
 import torch
 
 from .config import TrainConfig
-from .data import Collate, SampleDecoder, build_loader, load_classnames, load_templates
-from .distributed import DistributedEnv, all_reduce_sum
+from .data import Collate, SampleDecoder, build_loader, load_classnames, load_templates, sample_id
+from .distributed import DistributedEnv, all_reduce_sum, barrier
 from .losses import cosine_alignment_loss
 from .models import build_student, build_teacher, check_embed_dims, init_text_embeddings_from_teacher
+from .teacher_cache import TeacherCache, teacher_identity
 from .trainer import Trainer, autocast, run_stage
 
 _logger = logging.getLogger(__name__)
@@ -54,10 +56,29 @@ class AlignTrainer(Trainer):
         )
         tokenizers = {STUDENT_TEXT: student_tokenizer, TEACHER_TEXT: teacher_tokenizer}
         self.collate = Collate(image_fields=(STUDENT_IMAGE, TEACHER_IMAGE), tokenizers=tokenizers)
+        self.cache = None
+        if cfg.teacher_cache:
+            identity = teacher_identity(cfg.teacher, cfg.teacher_pretrained, teacher_preprocess, cfg.precision)
+            self.cache = TeacherCache(cfg.teacher_cache, identity, rank=self.env.rank)
+            _logger.info("--teacher-cache %s: %d embeddings cached", cfg.teacher_cache, len(self.cache))
         self.setup(self.student, cfg.model, num_samples)
 
     def train_loader(self, epoch: int, skip_batches: int = 0):
-        return self.shard_loader(self.train_urls, self.decoder, self.collate, epoch, skip_batches)
+        decoder = self.decoder
+        if self.cache is not None:
+            # Samples whose teacher embedding is cached skip the teacher's preprocessing.
+            decoder = dataclasses.replace(decoder, skip=(TEACHER_IMAGE, frozenset(self.cache.image_ids())))
+        return self.shard_loader(self.train_urls, decoder, self.collate, epoch, skip_batches)
+
+    def on_epoch_end(self) -> None:
+        if self.cache is not None:
+            self.cache.flush()
+            barrier()
+            self.cache.refresh()
+
+    def on_save(self) -> None:
+        if self.cache is not None:
+            self.cache.flush()
 
     def check_first_batches(self, batches: List[Dict]) -> None:
         """Stop when the text loss is on but no sample of the first step, on any rank, has a text."""
@@ -76,11 +97,10 @@ class AlignTrainer(Trainer):
     def compute_loss(self, batch: Dict, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
         device = self.device
         with_text = self.cfg.text_loss_weight > 0 and len(batch["text_index"]) > 0
-        with torch.no_grad(), autocast(self.cfg.precision, device):
-            teacher_image = self.teacher.encode_image(batch[TEACHER_IMAGE].to(device), normalize=True)
-            teacher_text = (
-                self.teacher.encode_text(batch[TEACHER_TEXT].to(device), normalize=True) if with_text else None
-            )
+        # The cache serves training batches; validation batches are embedded afresh.
+        cache = self.cache if self.student.training else None
+        teacher_image = self._teacher_images(batch, cache)
+        teacher_text = self._teacher_texts(batch, cache) if with_text else None
         # One forward call through the (possibly DDP-wrapped) model, so gradients of both towers are
         # reduced together.
         with autocast(self.cfg.precision, device):
@@ -96,7 +116,53 @@ class AlignTrainer(Trainer):
             losses["loss_text"] = cosine_alignment_loss(student_text, teacher_text)
             loss = loss + self.cfg.text_loss_weight * losses["loss_text"]
         losses["loss"] = loss
+        if cache is not None:
+            losses["teacher_cached"] = torch.tensor(self._cached_share)
         return losses
+
+    @torch.no_grad()
+    def _teacher_images(self, batch: Dict, cache: Optional[TeacherCache]) -> torch.Tensor:
+        """Normalised teacher image embeddings of the batch, read from ``cache`` where it has them."""
+        device = self.device
+        if cache is None:
+            with autocast(self.cfg.precision, device):
+                return self.teacher.encode_image(batch[TEACHER_IMAGE].to(device), normalize=True).float()
+        ids = [sample_id(url, key) for url, key in batch["keys"]]
+        rows, missing = cache.image_embeddings(ids)
+        self._cached_share = 1.0 - len(missing) / max(len(ids), 1)
+        if missing:
+            # Rows of batch[TEACHER_IMAGE] belong to the positions in TEACHER_IMAGE_index (all when absent).
+            present = batch.get(f"{TEACHER_IMAGE}_index")
+            position = {int(p): i for i, p in enumerate(present)} if present is not None else None
+            lost = [ids[i] for i in missing if position is not None and i not in position]
+            if lost:
+                raise RuntimeError(f"--teacher-cache {self.cfg.teacher_cache} lost the embedding of {lost[0]} "
+                                   f"during the run; restart with --resume latest")
+            select = torch.tensor([position[i] if position is not None else i for i in missing], dtype=torch.long)
+            with autocast(self.cfg.precision, device):
+                computed = self.teacher.encode_image(batch[TEACHER_IMAGE][select].to(device), normalize=True)
+            computed = computed.float()
+            cache.add_images([ids[i] for i in missing], computed)
+            for index, row in zip(missing, computed.cpu()):
+                rows[index] = row
+        return torch.stack(rows).to(device)
+
+    @torch.no_grad()
+    def _teacher_texts(self, batch: Dict, cache: Optional[TeacherCache]) -> torch.Tensor:
+        """Normalised teacher text embeddings of the batch's texts, read from ``cache`` where it has them."""
+        device = self.device
+        if cache is None:
+            with autocast(self.cfg.precision, device):
+                return self.teacher.encode_text(batch[TEACHER_TEXT].to(device), normalize=True).float()
+        rows, missing = cache.text_embeddings(batch["texts"])
+        if missing:
+            select = torch.tensor(missing, dtype=torch.long)
+            with autocast(self.cfg.precision, device):
+                computed = self.teacher.encode_text(batch[TEACHER_TEXT][select].to(device), normalize=True).float()
+            cache.add_texts([batch["texts"][i] for i in missing], computed)
+            for index, row in zip(missing, computed.cpu()):
+                rows[index] = row
+        return torch.stack(rows).to(device)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[Dict[str, float]]:

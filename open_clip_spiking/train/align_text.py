@@ -3,8 +3,9 @@
 Texts are every class x template prompt (``--classnames``/``--templates`` or a clip_benchmark dataset
 folder) and every caption line of the ``txt`` fields of ``--train-data`` shards. Texts take no random
 augmentation, so the frozen teacher embeds each of them once, before the first step, and the loss
-``1 - cos(student_text, teacher_text)`` then costs the student's forward and backward alone. The
-image tower and ``logit_scale`` are frozen.
+``1 - cos(student_text, teacher_text)`` then costs the student's forward and backward alone. With
+``--teacher-cache DIR`` those embeddings are also kept on disk for later runs with the same teacher.
+The image tower and ``logit_scale`` are frozen.
 """
 import logging
 from typing import Dict, List, Optional
@@ -16,6 +17,7 @@ from .data import expand_urls, load_classnames, load_templates, read_captions
 from .distributed import DistributedEnv, all_reduce_sum
 from .losses import cosine_alignment_loss
 from .models import build_student, build_teacher, check_embed_dims, init_text_embeddings_from_teacher
+from .teacher_cache import TeacherCache, teacher_identity
 from .trainer import Trainer, autocast, run_stage
 
 _logger = logging.getLogger(__name__)
@@ -62,20 +64,36 @@ class TextAlignTrainer(Trainer):
         for name, param in self.student.named_parameters():
             param.requires_grad_(not name.startswith("visual.") and name not in ("logit_scale", "logit_bias"))
 
+        self.cache = None
+        if cfg.teacher_cache:
+            # Text embeddings do not depend on the image preprocessing.
+            identity = teacher_identity(cfg.teacher, cfg.teacher_pretrained, None, cfg.precision)
+            self.cache = TeacherCache(cfg.teacher_cache, identity, rank=self.env.rank, check_preprocess=False)
         self.tokens = student_tokenizer(texts)
-        self.targets = self._teacher_embeddings(texts, teacher_tokenizer)
+        self.targets = self._teacher_embeddings(texts, teacher_tokenizer, self.cache)
+        if self.cache is not None and self.env.is_master:  # every rank embedded the same texts
+            self.cache.flush()
         self.val_tokens = student_tokenizer(val_texts) if val_texts else None
         self.val_targets = self._teacher_embeddings(val_texts, teacher_tokenizer) if val_texts else None
         self.setup(self.student, cfg.model, cfg.train_num_samples or len(texts))
 
     @torch.no_grad()
-    def _teacher_embeddings(self, texts: List[str], tokenizer) -> torch.Tensor:
-        chunks = []
-        for start in range(0, len(texts), TEACHER_BATCH):
-            tokens = tokenizer(texts[start: start + TEACHER_BATCH]).to(self.device)
+    def _teacher_embeddings(self, texts: List[str], tokenizer, cache: Optional[TeacherCache] = None) -> torch.Tensor:
+        """Normalised teacher embeddings of ``texts``; those in ``cache`` are read, the others computed
+        and added to it."""
+        rows, missing = cache.text_embeddings(texts) if cache is not None else ([None] * len(texts), list(range(len(texts))))
+        if cache is not None:
+            _logger.info("--teacher-cache %s: %d of %d texts cached", cache.folder, len(texts) - len(missing), len(texts))
+        for start in range(0, len(missing), TEACHER_BATCH):
+            index = missing[start: start + TEACHER_BATCH]
+            tokens = tokenizer([texts[i] for i in index]).to(self.device)
             with autocast(self.cfg.precision, self.device):
-                chunks.append(self.teacher.encode_text(tokens, normalize=True).float().cpu())
-        return torch.cat(chunks)
+                computed = self.teacher.encode_text(tokens, normalize=True).float().cpu()
+            if cache is not None:
+                cache.add_texts([texts[i] for i in index], computed)
+            for i, row in zip(index, computed):
+                rows[i] = row
+        return torch.stack(rows) if rows else torch.zeros(0)
 
     def set_train_mode(self) -> None:
         self.model.train()

@@ -15,6 +15,10 @@ from .._cli import HelpFormatter, fraction, non_negative_int, positive_float, po
 
 STAGES = ("align", "align-text", "teacher-finetune", "finetune")
 PRECISIONS = ("fp32", "bf16")
+COMPILE_CHOICES = ("auto", "on", "off")
+# --compile auto compiles on CUDA, and on a CPU for runs of at least this many optimiser steps: there
+# compilation takes minutes and pays off only over a longer run.
+AUTO_COMPILE_MIN_CPU_STEPS = 200
 
 # Peak and final learning rates of each stage when --lr and --lr-min are not given: the alignment
 # stages use SpikeCLIP's 5e-3 cosine to 5e-4, the fine-tuning stages the authors' released settings.
@@ -90,6 +94,11 @@ class TrainConfig:
     save_every_n_steps: Optional[int] = None
     max_nonfinite_steps: int = 5
     max_caption_chars: int = 2048
+    compile: str = "auto"
+    compile_backend: str = "inductor"
+    grad_checkpointing: bool = False
+    teacher_cache: Optional[str] = None
+    augment: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +199,23 @@ def build_parser() -> argparse.ArgumentParser:
                              "(SyncBatchNorm) instead of over each device's batch")
     parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="fp32, or bf16 autocast for the student and teacher")
+    speed = parser.add_argument_group("speed and memory")
+    speed.add_argument("--compile", choices=COMPILE_CHOICES, default="auto",
+                       help="run the student's towers through torch.compile: 'auto' compiles on CUDA, and on a "
+                            f"CPU for runs of at least {AUTO_COMPILE_MIN_CPU_STEPS} steps; eager is the fallback "
+                            "when compilation is unavailable or fails")
+    speed.add_argument("--compile-backend", default="inductor",
+                       help="torch.compile backend, e.g. 'aot_eager' to check a graph without code generation")
+    speed.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute the student's activations in the backward pass instead of storing them "
+                            "(open_clip's set_grad_checkpointing): less memory, about one more forward pass of time")
+    speed.add_argument("--teacher-cache", default=None, metavar="DIR",
+                       help="store the frozen teacher's image and text embeddings in DIR during the first epoch "
+                            "and read them afterwards, in this run and in later runs with the same teacher "
+                            "(align and align-text stages; not with --augment)")
+    parser.add_argument("--augment", action="store_true",
+                        help="random resized crop (scale 0.5 to 1) and horizontal flip of each training image, "
+                             "the same for student and teacher, drawn anew every epoch")
     parser.add_argument("--device", default=None, help="torch device; cuda when available, else cpu")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--resume", default=None,
@@ -258,6 +284,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     args.lr_min = min(default_lr_min, args.lr) if args.lr_min is None else args.lr_min
     if args.lr_min > args.lr:
         parser.error(f"--lr-min {args.lr_min} is larger than --lr {args.lr}")
+    if args.teacher_cache is not None:
+        if args.stage not in ("align", "align-text"):
+            parser.error(f"--teacher-cache is for the align and align-text stages, not --stage {args.stage}")
+        if args.augment:
+            parser.error("--teacher-cache cannot be used with --augment: the teacher would see a new random crop "
+                         "every epoch, so embeddings stored in the first epoch would be stale; drop one of the two")
+    if args.augment and args.stage == "align-text":
+        parser.error("--augment has no effect in --stage align-text, which reads no images; drop it")
     if args.grad_angle_bound is not None and not 0 <= args.grad_angle_bound <= 180:
         parser.error(f"--grad-angle-bound {args.grad_angle_bound} is not an angle in degrees between 0 and 180")
     return TrainConfig(**vars(args))

@@ -27,12 +27,13 @@ import glob
 import hashlib
 import io
 import logging
+import math
 import os
 import random
 import re
 import tarfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import AbstractSet, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import braceexpand
 import numpy as np
@@ -263,12 +264,51 @@ def decode_image(data: bytes) -> Image.Image:
         return to_rgb(image)
 
 
+# Area share and aspect ratio range of the --augment crop.
+AUGMENT_SCALE = (0.5, 1.0)
+AUGMENT_RATIO = (3 / 4, 4 / 3)
+
+
+def random_crop_flip(image: Image.Image, rng) -> Image.Image:
+    """Crop a random box of ``AUGMENT_SCALE`` of the area and ``AUGMENT_RATIO`` aspect, and flip it
+    horizontally with probability 1/2; the choices come from ``rng`` only.
+
+    The crop keeps its size: each model's own preprocessing resizes it afterwards, so a student and a
+    teacher of different input sizes see the same part of the image.
+    """
+    width, height = image.size
+    area = width * height
+    box = (0, 0, width, height)
+    for _ in range(10):
+        target = area * rng.uniform(*AUGMENT_SCALE)
+        ratio = math.exp(rng.uniform(math.log(AUGMENT_RATIO[0]), math.log(AUGMENT_RATIO[1])))
+        w = int(round(math.sqrt(target * ratio)))
+        h = int(round(math.sqrt(target / ratio)))
+        if 0 < w <= width and 0 < h <= height:
+            left = rng.randint(0, width - w)
+            top = rng.randint(0, height - h)
+            box = (left, top, left + w, top + h)
+            break
+    image = image.crop(box)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def sample_id(url: str, key: str) -> str:
+    """Identifier of a sample across runs: the absolute shard path and the ``__key__``."""
+    return f"{os.path.abspath(url)}::{key}"
+
+
 @dataclass
 class SampleDecoder:
     """Turn a raw webdataset sample into the fields the trainers use, or a bad-sample record.
 
     ``read_text`` turns caption and prompt handling on. With it, a ``txt`` field without any text, or
-    with a line longer than ``max_caption_chars`` characters, makes the sample bad.
+    with a line longer than ``max_caption_chars`` characters, makes the sample bad. ``augment`` applies
+    ``random_crop_flip`` before every image transform, with the sample's own random generator.
+    ``skip`` names an image transform and the ``sample_id`` values for which it is not run (the align
+    stage's cached teacher embeddings need no teacher input).
     """
 
     image_transforms: Dict[str, Callable]
@@ -277,6 +317,8 @@ class SampleDecoder:
     require_label: bool = False
     read_text: bool = True
     max_caption_chars: Optional[int] = None
+    augment: bool = False
+    skip: Optional[Tuple[str, AbstractSet[str]]] = None
 
     def __call__(self, sample: Dict, rng: Optional[random.Random] = None) -> Dict:
         """Decode ``sample``; ``rng`` makes the caption and template choices (the ``random`` module when None)."""
@@ -313,8 +355,12 @@ class SampleDecoder:
             if isinstance(captions, str):
                 return _bad_record(url, key, captions)
             out["text"] = self._text(captions, out.get("label"), rng)
+        if self.augment:
+            image = random_crop_flip(image, rng)
+        skipped = self.skip[0] if self.skip and sample_id(url, key) in self.skip[1] else None
         for name, transform in self.image_transforms.items():
-            out[name] = transform(image)
+            if name != skipped:
+                out[name] = transform(image)
         return out
 
     def _captions(self, sample: Dict) -> Union[List[str], str]:
@@ -344,7 +390,9 @@ class Collate:
 
     ``tokenizers`` maps a batch field name to an open_clip tokenizer. Each tokenizer receives the texts
     of the samples that have one, and ``text_index`` gives those samples' positions in the batch.
-    Samples skipped on resume count in ``skipped`` only.
+    Samples skipped on resume count in ``skipped`` only. ``texts`` lists the raw texts in the order of
+    ``text_index``. When some samples lack an image field, ``NAME_index`` gives the positions of the
+    rows of ``NAME``.
     """
 
     image_fields: Tuple[str, ...]
@@ -363,13 +411,18 @@ class Collate:
         if not good:
             return batch
         for name in self.image_fields:
-            batch[name] = torch.stack([s[name] for s in good])
+            present = [i for i, s in enumerate(good) if name in s]
+            if present:
+                batch[name] = torch.stack([good[i][name] for i in present])
+            if len(present) < len(good):
+                batch[f"{name}_index"] = torch.tensor(present, dtype=torch.long)
         if all("label" in s for s in good):
             batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
         text_index = [i for i, s in enumerate(good) if s.get("text")]
         batch["text_index"] = torch.tensor(text_index, dtype=torch.long)
+        batch["texts"] = [good[i]["text"] for i in text_index]
         if text_index and self.tokenizers:
-            texts = [good[i]["text"] for i in text_index]
+            texts = batch["texts"]
             for name, tokenizer in self.tokenizers.items():
                 batch[name] = tokenizer(texts)
         return batch

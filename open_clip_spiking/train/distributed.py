@@ -61,6 +61,12 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def gather_objects(value: Any) -> List[Any]:
     """Gather every rank's ``value`` on every rank, in rank order (``[value]`` in a single process)."""
     if not dist.is_initialized():

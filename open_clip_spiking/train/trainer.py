@@ -16,6 +16,7 @@ every rank's RNG states, step, epoch and the position inside the epoch) into one
 The loaders are deterministic functions of the seed, the epoch and the batches skipped, so a resumed
 run trains on the same later batches as a run that was never interrupted.
 """
+import dataclasses
 import json
 import logging
 import math
@@ -31,8 +32,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ..compiled import compile_model, run_with_fallback
 from . import checkpoint as ckpt
-from .config import TrainConfig
+from .config import AUTO_COMPILE_MIN_CPU_STEPS, TrainConfig
 from .data import build_loader, check_shard_count, count_samples, expand_urls
 from .distributed import (
     DistributedEnv,
@@ -77,6 +79,16 @@ def autocast(precision: str, device: torch.device):
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+def warn_if_bf16_emulated(device: torch.device) -> None:
+    """Log a warning when bf16 autocast runs on a CPU without bf16 instructions (AVX512-BF16 or AMX)."""
+    if device.type != "cpu":
+        return
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if not native:
+        _logger.warning("--precision bf16 on a CPU without AVX512-BF16 or AMX instructions: bf16 is emulated and "
+                        "runs slower than fp32 here")
 
 
 class BadSampleCounter:
@@ -163,8 +175,11 @@ class Trainer:
             check_shard_count(len(urls), self.env.world_size, self.cfg.workers)
 
     def shard_loader(self, urls: List[str], decoder, collate, epoch: int, skip_batches: int):
-        """Build the endless training loader over webdataset shards for ``epoch`` (see ``data.build_loader``)."""
+        """Build the endless training loader over webdataset shards for ``epoch`` (see ``data.build_loader``),
+        with ``--augment`` applied."""
         cfg, env = self.cfg, self.env
+        if cfg.augment:
+            decoder = dataclasses.replace(decoder, augment=True)
         return build_loader(urls, decoder, collate, cfg.batch_size, cfg.workers, shuffle=True, seed=cfg.seed,
                             epoch=epoch, shuffle_buffer=cfg.shuffle_buffer, repeat=True,
                             resampled=cfg.dataset_resampled, skip_batches=skip_batches, rank=env.rank,
@@ -180,6 +195,10 @@ class Trainer:
         self.trainable = trainable
         self.model_name = model_name
         self.model = trainable
+        if cfg.grad_checkpointing:
+            trainable.set_grad_checkpointing(True)
+        if cfg.precision == "bf16":
+            warn_if_bf16_emulated(self.device)
         if env.distributed:
             if cfg.sync_bn:
                 converted = convert_sync_batchnorm(trainable, self.device)
@@ -207,6 +226,19 @@ class Trainer:
         )
         self.optimizer = build_optimizer(trainable, cfg)
         self.scheduler = cosine_schedule(self.optimizer, cfg.warmup, self.total_steps, cfg.lr, cfg.lr_min)
+        self.compiled = self._compile(trainable)
+
+    def _compile(self, trainable: torch.nn.Module) -> bool:
+        """Apply --compile to the trained towers; returns whether they are compiled."""
+        cfg = self.cfg
+        if cfg.compile == "off":
+            return False
+        if cfg.compile == "auto" and self.device.type != "cuda" and self.total_steps < AUTO_COMPILE_MIN_CPU_STEPS:
+            _logger.info("--compile auto: running eager, since %d steps on %s are too few to repay compilation "
+                         "(at least %d; --compile on forces it)", self.total_steps, self.device,
+                         AUTO_COMPILE_MIN_CPU_STEPS)
+            return False
+        return compile_model(trainable, self.device, backend=cfg.compile_backend)
 
     # ---------------------------------------------------------------------------------- stage hooks
     def train_loader(self, epoch: int, skip_batches: int = 0) -> Iterable[Dict]:
@@ -227,6 +259,12 @@ class Trainer:
 
     def set_train_mode(self) -> None:
         self.model.train()
+
+    def on_epoch_end(self) -> None:
+        """Called on every rank after the last step of an epoch, before validation and saving."""
+
+    def on_save(self) -> None:
+        """Called on every rank before a checkpoint is written."""
 
     def check_first_batches(self, batches: List[Dict]) -> None:
         """Validate the batches of the first step this process runs; raise to stop with a message."""
@@ -347,6 +385,9 @@ class Trainer:
         if self.steps_run == 0:
             self.check_first_batches(usable)
         self.steps_run += 1
+        if self.compiled:
+            # Compilation happens in the first step, and again when a batch of a new shape arrives.
+            return run_with_fallback(self.trainable, lambda: self.train_step(usable)), counts[2]
         return self.train_step(usable), counts[2]
 
     # ---------------------------------------------------------------------------------- state
@@ -402,6 +443,7 @@ class Trainer:
         first renames the existing ``latest.state.pt`` to ``previous.state.pt``, so a resume can fall
         back to it.
         """
+        self.on_save()
         rng_states = gather_objects(self._rng_state())
         if not self.env.is_master:
             return
@@ -584,6 +626,7 @@ class Trainer:
                 break
             self.epoch += 1
             self.batches_done_in_epoch = 0
+            self.on_epoch_end()
             validation = self.evaluate()
             if validation:
                 _logger.info("validation after epoch %d: %s", self.epoch, validation)
