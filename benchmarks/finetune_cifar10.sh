@@ -48,19 +48,8 @@ if [ ! -f "$TEST/test/0.tar" ]; then
     mkdir -p "$TEST/test"
     cp "$SRC/classnames.txt" "$SRC/zeroshot_classification_templates.txt" "$TEST/"
     echo 1 > "$TEST/test/nshards.txt"
-    "$PY" - "$SRC/test/0.tar" "$TEST/test/0.tar" "$TEST_SAMPLES" <<'EOF'
-import sys, tarfile
-source, target, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-keys = []
-with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
-    for member in reader:
-        key = member.name.split(".", 1)[0]
-        if key not in keys:
-            if len(keys) == count:
-                break
-            keys.append(key)
-        writer.addfile(member, reader.extractfile(member))
-EOF
+    "$PY" -c 'import sys; from open_clip_spiking.train.data import copy_shard_head; copy_shard_head(*sys.argv[1:3], int(sys.argv[3]))' \
+        "$SRC/test/0.tar" "$TEST/test/0.tar" "$TEST_SAMPLES"
 fi
 
 run() { echo "+ $*" >&2; /usr/bin/time -f "%e s wall, %M KiB peak RSS" "$@"; }

@@ -2,7 +2,6 @@
 import json
 import os
 import shutil
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -66,16 +65,9 @@ def tiny_teacher(tmp_path_factory):
 
 def _copy_subset(source: Path, target: Path, count: int) -> Path:
     """Write the first ``count`` samples of a real shard to ``target`` unchanged."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    keys = []
-    with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
-        for member in reader:
-            key = member.name.split(".", 1)[0]
-            if key not in keys:
-                if len(keys) == count:
-                    break
-                keys.append(key)
-            writer.addfile(member, reader.extractfile(member))
+    from open_clip_spiking.train.data import copy_shard_head
+
+    copy_shard_head(str(source), str(target), count)
     return target
 
 

@@ -442,6 +442,22 @@ def read_captions(urls: Sequence[str]) -> List[str]:
     return captions
 
 
+def copy_shard_head(source: str, target: str, count: int) -> int:
+    """Write the first ``count`` samples of tar shard ``source`` to ``target`` unchanged; returns how many
+    were written (fewer when the shard is shorter)."""
+    os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+    keys: List[str] = []
+    with tarfile.open(source) as reader, tarfile.open(target, "w") as writer:
+        for member in reader:
+            key = member.name.split(".", 1)[0]
+            if key not in keys:
+                if len(keys) == count:
+                    break
+                keys.append(key)
+            writer.addfile(member, reader.extractfile(member))
+    return len(keys)
+
+
 def stable_seed(*parts) -> int:
     """Return a 63-bit seed that depends on ``parts`` only (unlike ``hash``, it is the same in every process)."""
     digest = hashlib.blake2b("\x1f".join(str(part) for part in parts).encode("utf-8"), digest_size=8).digest()
