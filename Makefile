@@ -15,8 +15,14 @@ ALIGN_SAMPLES ?= 1024
 # run and the page states it. RESULTS_ARGS passes further flags, e.g. RESULTS_ARGS="--num-images 1000".
 STUDENT ?=
 RESULTS_ARGS ?=
+# `make demo`: further flags for python -m open_clip_spiking.demo, e.g. DEMO_ARGS="--finetune-samples 60000".
+DEMO_ARGS ?=
+# Where the Debian package dataset-fashion-mnist installs Fashion-MNIST, and where the demo looks first.
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+# apt-get runs through sudo for a user other than root, when sudo exists.
+SUDO := $(shell [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && echo sudo)
 
-.PHONY: install test align teacher results clean
+.PHONY: install test align teacher results speed fashion-mnist demo clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +52,25 @@ results: install
 	$(PY) benchmarks/results.py --output benchmarks/RESULTS.md --data-root $(DATA) --work-dir runs/results \
 		--teacher-pretrained $(TEACHER_DIR)/lit-effnetlite0-minilm.safetensors \
 		$(if $(STUDENT),--student-pretrained $(STUDENT)) $(RESULTS_ARGS)
+
+# Speed and memory of the spiking tower and the align stage on this machine (about an hour on 2 cores).
+speed: install
+	$(PY) benchmarks/speed.py --output benchmarks/SPEED.md --data-root $(DATA)
+
+# Installs Fashion-MNIST from Debian's dataset-fashion-mnist when it is missing and apt-get exists. Never
+# fails: without the package, the demo downloads the data with torchvision, or names the ways to get it.
+fashion-mnist:
+	@if [ -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
+		echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1; then \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; } \
+			|| echo "apt-get could not install dataset-fashion-mnist; the demo will try torchvision's download"; \
+	else \
+		echo "apt-get not found; the demo will download Fashion-MNIST with torchvision"; \
+	fi
+
+demo: install fashion-mnist
+	$(PY) -m open_clip_spiking.demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build dist *.egg-info

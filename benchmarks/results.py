@@ -22,23 +22,28 @@ per-layer energy tables go to the ``results`` folder next to it. Hugging Face do
 off (``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``), so every model must come from local files.
 """
 import argparse
-import datetime
-import hashlib
-import importlib.metadata
 import json
 import logging
 import math
 import os
-import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import tarfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from open_clip_spiking.provenance import (
+    collect_hardware,
+    collect_software,
+    format_duration,
+    load_average,
+    now,
+    run_text,
+    sha256,
+)
 
 _logger = logging.getLogger("benchmarks.results")
 
@@ -154,86 +159,12 @@ def _configure_logging() -> None:
                         stream=sys.stderr, force=True)
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _run_text(command: Sequence[str], cwd: Optional[Path] = None) -> Optional[str]:
-    try:
-        result = subprocess.run(list(command), cwd=cwd, capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout
-
-
-def _cpu_model() -> str:
-    for line in (_run_text(["lscpu"]) or "").splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def _memory_gib() -> Optional[float]:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("MemTotal:"):
-                    return round(int(line.split()[1]) / 2 ** 20, 1)
-    except OSError:
-        return None
-    return None
-
-
-def _load_average() -> Optional[List[float]]:
-    try:
-        return [round(value, 2) for value in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def collect_hardware(device: str) -> Dict[str, Any]:
-    """Describe the machine: ``lscpu`` model name, core counts, memory, threads and accelerator."""
-    import torch
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu_model": _cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "usable_cores": usable,
-        "memory_gib": _memory_gib(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "device": device,
-        "load_average_start": _load_average(),
-    }
-
-
-def collect_software() -> Dict[str, Optional[str]]:
-    """Return the versions of Python and of the packages that compute the results."""
-    versions: Dict[str, Optional[str]] = {"python": platform.python_version()}
-    for package in SOFTWARE:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return versions
-
-
 def _git_commit() -> Optional[str]:
-    commit = _run_text(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
+    commit = run_text(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT)
     if not commit:
         return None
-    changes = _run_text(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
+    changes = run_text(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT)
     return commit.strip() + (" with uncommitted changes" if changes else "")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- data checks -----------------------------------------------------------------------------------
@@ -303,7 +234,7 @@ def run_step(steps: List[Step], name: str, module: str, argv: List[str]) -> Step
     if code != 0:
         raise StepFailed(f"step {name!r} failed with exit code {code} (its error is logged above): {command}")
     _logger.info("step %s finished in %.1f s", name, wall_s)
-    step = Step(name=name, command=command, status="ran", wall_s=wall_s, date=_now())
+    step = Step(name=name, command=command, status="ran", wall_s=wall_s, date=now())
     steps.append(step)
     return step
 
@@ -505,13 +436,6 @@ def _count(value: Optional[float]) -> str:
     return f"{value:.3e}" if value >= 1e4 else f"{value:,.0f}"
 
 
-def _duration(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    minutes, rest = divmod(round(seconds), 60)
-    return f"{minutes} min {rest} s" if minutes else f"{seconds:.1f} s"
-
-
 def _short_run_note(results: Dict[str, Any]) -> List[str]:
     student = results["student"]
     short_run = student.get("short_run")
@@ -550,7 +474,7 @@ def _setup_lines(results: Dict[str, Any]) -> List[str]:
         f"accuracies or energy figures.",
         f"- Software: {versions}.",
         f"- Commit: `{results['git_commit']}`. Date (UTC): {results['date']}. Total wall time: "
-        f"{_duration(results['wall_s'])}.",
+        f"{format_duration(results['wall_s'])}.",
         f"- Data: `{results['settings']['data_root']}`.",
         "",
     ]
@@ -712,7 +636,7 @@ def _step_lines(results: Dict[str, Any]) -> List[str]:
     for number, step in enumerate(results["steps"], start=1):
         command = step["command"].replace("|", "\\|")
         lines.append(f"| {number} | {step['name']} | {step['status']} | {step['date'] or '-'} | "
-                     f"{_duration(step['wall_s'])} | `{command}` |")
+                     f"{format_duration(step['wall_s'])} | `{command}` |")
     return lines + [""]
 
 
@@ -770,10 +694,10 @@ def generate(args: argparse.Namespace, command: str) -> Dict[str, Any]:
     results: Dict[str, Any] = {
         "command": command,
         "working_directory": str(Path.cwd()),
-        "date": _now(),
+        "date": now(),
         "git_commit": _git_commit(),
         "hardware": collect_hardware(args.device),
-        "software": collect_software(),
+        "software": collect_software(SOFTWARE),
         "settings": {
             "data_root": str(args.data_root),
             "work_dir": str(args.work_dir),
@@ -791,9 +715,9 @@ def generate(args: argparse.Namespace, command: str) -> Dict[str, Any]:
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     teacher = prepare_teacher(args, steps)
-    teacher.update(model=args.teacher, sha256=_sha256(teacher["checkpoint"]), step=len(steps))
+    teacher.update(model=args.teacher, sha256=sha256(teacher["checkpoint"]), step=len(steps))
     student = prepare_student(args, teacher, steps)
-    student.update(model=args.student, sha256=_sha256(student["checkpoint"]), step=len(steps))
+    student.update(model=args.student, sha256=sha256(student["checkpoint"]), step=len(steps))
 
     from open_clip_spiking.train.data import expand_urls
 
@@ -833,12 +757,12 @@ def generate(args: argparse.Namespace, command: str) -> Dict[str, Any]:
     json_path = results_dir / "results.json"
     results["json"] = os.path.relpath(json_path, output.parent)
     results["steps"] = [asdict(step) for step in steps]
-    results["hardware"]["load_average_end"] = _load_average()
+    results["hardware"]["load_average_end"] = load_average()
     results["wall_s"] = round(time.monotonic() - started, 1)
 
     _write_text(json_path, json.dumps(results, indent=2) + "\n")
     _write_text(output, render_page(results) + "\n")
-    _logger.info("wrote %s and %s after %s", output, json_path, _duration(results["wall_s"]))
+    _logger.info("wrote %s and %s after %s", output, json_path, format_duration(results["wall_s"]))
     return results
 
 

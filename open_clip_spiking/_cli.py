@@ -23,6 +23,13 @@ def positive_float(value: str) -> float:
     return number
 
 
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {value}")
+    return number
+
+
 def fraction(value: str) -> float:
     number = float(value)
     if not 0.0 <= number <= 1.0:

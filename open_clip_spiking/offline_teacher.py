@@ -10,7 +10,8 @@
   Hugging Face text tower with mean pooling. The tokenizer is read from the same folder;
 * linear projections of both towers into a 512-wide embedding, and ``logit_scale``. Both towers stay
   frozen and only these are trained, LiT-style, with a symmetric InfoNCE loss on image-caption pairs and
-  on images paired with class prompts.
+  on images paired with class prompts. ``--no-caption-set`` trains on the images and class prompts of
+  the labelled set alone, for data without captions.
 
 Config seam: open_clip 3.x reads model configs from JSON files only, and this config must name the
 folder of an installed package, which differs per machine. ``register_config()`` therefore puts the
@@ -315,24 +316,37 @@ def iter_batches(
         batch_size: int,
         max_samples: Optional[int],
         errors: SampleErrorCounter,
+        with_ids: bool = False,
 ) -> Iterator[Tuple[torch.Tensor, list]]:
     """Yield ``(images [B, 3, H, W], values)`` batches from the shards of ``folder``, in shard order.
 
     ``keys`` names the image field and the second field (for example ``("jpg;png", "txt")``). Samples
-    that fail to decode, miss a field or fail ``transform`` are skipped and counted in ``errors``.
+    that fail to decode, miss a field or fail ``transform`` are skipped and counted in ``errors``. With
+    ``with_ids``, each value is a pair of the second field and the sample's ``train.data.sample_id``
+    (shard path and key), the key under which the align stages' teacher cache stores its embedding.
     """
     import webdataset as wds
 
+    fields = (*keys, "__url__", "__key__") if with_ids else keys
     dataset = (
         wds.WebDataset(shard_urls(folder), shardshuffle=False, handler=errors, empty_check=False)
         .decode("pil", handler=errors)
-        .to_tuple(*keys, handler=errors)
-        .map_tuple(transform, None, handler=errors)
+        .to_tuple(*fields, handler=errors)
+        .map_tuple(transform, *[None] * (len(fields) - 1), handler=errors)
     )
+    if with_ids:
+        dataset = dataset.map(_pair_value_with_id, handler=errors)
     if max_samples is not None:
         dataset = dataset.slice(max_samples)
     for images, values in dataset.batched(batch_size, collation_fn=_collate):
         yield images, values
+
+
+def _pair_value_with_id(sample: tuple) -> Tuple[torch.Tensor, Tuple[Any, str]]:
+    from .train.data import sample_id
+
+    image, value, url, key = sample
+    return image, (value, sample_id(url, key))
 
 
 def _collate(samples: List[tuple]) -> Tuple[torch.Tensor, list]:
@@ -353,8 +367,11 @@ def _capture_inputs(module: nn.Module) -> Iterator[List[torch.Tensor]]:
         handle.remove()
 
 
-def encode_image_features(model, batches: Iterator[Tuple[torch.Tensor, list]], description: str):
+def encode_image_features(model, batches: Iterator[Tuple[torch.Tensor, list]], description: str,
+                          total: Optional[int] = None):
     """Run the frozen image tower and return the pooled features that enter its projection.
+
+    ``total`` is the number of batches, for the progress bar, when known.
 
     Returns ``(features [N, 1280], values)`` with the second field of every sample.
     """
@@ -363,7 +380,7 @@ def encode_image_features(model, batches: Iterator[Tuple[torch.Tensor, list]], d
     projection = model.visual.head.proj
     values: List[Any] = []
     with _capture_inputs(projection) as captured, torch.no_grad():
-        for images, batch_values in tqdm(batches, desc=description, unit="batch", leave=False):
+        for images, batch_values in tqdm(batches, desc=description, unit="batch", total=total, leave=False):
             model.encode_image(images.to(projection.weight.device).contiguous(memory_format=torch.channels_last))
             values.extend(batch_values)
     if not captured:
@@ -414,6 +431,7 @@ class LabelFeatures:
     image: torch.Tensor  # [num_images, 1280]
     label: torch.Tensor  # [num_images], int64
     prompt: torch.Tensor  # [num_classes, num_templates, 384]
+    ids: List[str] = dataclasses.field(default_factory=list)  # train.data.sample_id of each image
 
 
 # --- training ----------------------------------------------------------------------------------------
@@ -511,7 +529,8 @@ class TeacherBuildConfig:
     """Settings of one teacher build; ``main`` fills it from the command line."""
     output: Path
     data_root: Path
-    caption_set: str = "flickr8k_1k/test"
+    # None trains on class prompts alone, for a labelled dataset without captions.
+    caption_set: Optional[str] = "flickr8k_1k/test"
     label_set: str = "imagenette"
     label_split: str = "train"
     max_samples: Optional[int] = None
@@ -525,6 +544,42 @@ class TeacherBuildConfig:
     device: str = "cpu"
     image_batch_size: int = 64
     text_batch_size: int = 256
+    # Folder for the built teacher's embeddings of the label-set images, in the align stages' cache layout.
+    teacher_cache: Optional[Path] = None
+
+
+class _DropRecords(logging.Filter):
+    """Drop log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+@contextlib.contextmanager
+def _quiet_expected_load_warnings() -> Iterator[None]:
+    """Silence the two expected warnings of loading this teacher, and log what they mean instead.
+
+    transformers reports the MiniLM checkpoint's pooler weights as unused (the text tower mean-pools the
+    tokens instead), and open_clip warns that the model is initialized partially (the image tower's
+    weights are loaded afterwards and the projections are trained by the build).
+    """
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    drop = _DropRecords(f"Model {MODEL_NAME} initialized partially")
+    logging.getLogger().addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(drop)
+        transformers_logging.set_verbosity(verbosity)
+    _logger.info("loaded the MiniLM text tower (its unused pooler weights left out); the image tower's weights and "
+                 "the projections follow")
 
 
 def _create_frozen_teacher(device: str):
@@ -534,7 +589,8 @@ def _create_frozen_teacher(device: str):
     model_config()  # raises ImportError naming the extra when the text tower's package is missing
     register_config()
     weights_path = efficientnet_weights_path()
-    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained_text=True)
+    with _quiet_expected_load_warnings():
+        model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained_text=True)
     trunk = model.visual.trunk
     load_efficientnet_weights(trunk, weights_path)
     preprocess_cfg = model.visual.preprocess_cfg
@@ -549,17 +605,39 @@ def _create_frozen_teacher(device: str):
     return model, preprocess, open_clip.get_tokenizer(MODEL_NAME)
 
 
+def _batch_count(folder: Path, cfg: TeacherBuildConfig) -> int:
+    """Number of image batches that ``iter_batches`` yields for ``folder``, for the progress bar."""
+    from .train.data import count_samples
+
+    samples = count_samples(shard_urls(folder))
+    if cfg.max_samples is not None:
+        samples = min(samples, cfg.max_samples)
+    return math.ceil(samples / cfg.image_batch_size)
+
+
 def _caption_lines(text: str) -> List[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _no_caption_features(model) -> CaptionFeatures:
+    """Caption features of a build without a caption set: no images and no captions."""
+    return CaptionFeatures(
+        image=torch.empty(0, model.visual.head.proj.in_features),
+        caption=torch.empty(0, model.text.proj.in_features),
+        caption_image=torch.empty(0, dtype=torch.long),
+    )
+
+
 def _read_caption_features(model, preprocess, tokenizer, cfg: TeacherBuildConfig) -> Tuple[CaptionFeatures, int]:
+    if cfg.caption_set is None:
+        _logger.info("no caption set: training the projections on class prompts alone")
+        return _no_caption_features(model), 0
     folder = cfg.data_root / cfg.caption_set
     errors = SampleErrorCounter(str(folder))
     batches = iter_batches(
         folder, ("jpg;jpeg;png", "txt"), preprocess, cfg.image_batch_size, cfg.max_samples, errors
     )
-    image, texts = encode_image_features(model, batches, "caption images")
+    image, texts = encode_image_features(model, batches, "caption images", _batch_count(folder, cfg))
 
     captions, caption_image = [], []
     for image_index, text in enumerate(texts):
@@ -586,10 +664,11 @@ def _read_label_features(model, preprocess, tokenizer, cfg: TeacherBuildConfig) 
     folder = root / cfg.label_split
     errors = SampleErrorCounter(str(folder))
     batches = iter_batches(
-        folder, ("jpg;jpeg;png", "cls"), preprocess, cfg.image_batch_size, cfg.max_samples, errors
+        folder, ("jpg;jpeg;png", "cls"), preprocess, cfg.image_batch_size, cfg.max_samples, errors, with_ids=True
     )
-    image, label_values = encode_image_features(model, batches, "labelled images")
-    label = torch.tensor([int(value) for value in label_values], dtype=torch.long)
+    image, values = encode_image_features(model, batches, "labelled images", _batch_count(folder, cfg))
+    label = torch.tensor([int(value) for value, _ in values], dtype=torch.long)
+    ids = [sample for _, sample in values]
     if len(label) == 0:
         raise ValueError(f"no labelled images could be read from {folder} ({errors.count} samples skipped)")
     if int(label.min()) < 0 or int(label.max()) >= len(classnames):
@@ -604,7 +683,7 @@ def _read_label_features(model, preprocess, tokenizer, cfg: TeacherBuildConfig) 
         "%s: %d images, %d classes x %d templates, %d undecodable samples skipped",
         folder, len(label), len(classnames), len(templates), errors.count,
     )
-    return LabelFeatures(image, label, prompt.view(len(classnames), len(templates), -1)), errors.count
+    return LabelFeatures(image, label, prompt.view(len(classnames), len(templates), -1), ids), errors.count
 
 
 def build_teacher(cfg: TeacherBuildConfig) -> Path:
@@ -621,9 +700,10 @@ def build_teacher(cfg: TeacherBuildConfig) -> Path:
             f"safetensors; for example /tmp/teacher/{MODEL_NAME}.safetensors"
         )
     if not cfg.data_root.is_dir():
+        needed = cfg.label_set if cfg.caption_set is None else f"{cfg.caption_set} and {cfg.label_set}"
         raise FileNotFoundError(
             f"data root {cfg.data_root} is not a folder; pass --data-root with the folder that contains "
-            f"{cfg.caption_set} and {cfg.label_set}, or set {DATA_ENV_VAR}"
+            f"{needed}, or set {DATA_ENV_VAR}"
         )
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
@@ -645,7 +725,31 @@ def build_teacher(cfg: TeacherBuildConfig) -> Path:
     )
     path = save_weights(cfg.output, model.state_dict(), MODEL_NAME, model_config(resolve=False), args)
     _logger.info("wrote %s after %.0f s", path, time.monotonic() - started)
+    if cfg.teacher_cache is not None:
+        write_teacher_cache(cfg.teacher_cache, path, model, preprocess, labels)
     return path
+
+
+def write_teacher_cache(folder: Path, checkpoint: Path, model, preprocess, labels: LabelFeatures) -> int:
+    """Store the teacher's image embeddings of the labelled images in ``folder``; returns their number.
+
+    The layout is that of the align stages' ``--teacher-cache`` (``train.teacher_cache``), for the
+    teacher loaded from ``checkpoint`` at fp32, so an align run on the same shards with
+    ``--teacher-pretrained CHECKPOINT --teacher-cache FOLDER`` reads these embeddings instead of running
+    the image tower. The embedding is the trained projection of the cached features, normalised, which
+    is what ``encode_image(normalize=True)`` computes from the same input.
+    """
+    from .train.teacher_cache import TeacherCache, teacher_identity
+
+    identity = teacher_identity(MODEL_NAME, str(checkpoint), preprocess, "fp32")
+    cache = TeacherCache(str(folder), identity)
+    projection = model.visual.head.proj
+    with torch.no_grad():
+        embeddings = F.normalize(projection(labels.image.to(projection.weight.device)), dim=-1).float().cpu()
+    cache.add_images(labels.ids, embeddings)
+    written = cache.flush()
+    _logger.info("wrote the image embeddings of %d labelled images to the teacher cache %s", len(labels.ids), folder)
+    return written
 
 
 # --- command line ------------------------------------------------------------------------------------
@@ -660,11 +764,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-root", type=Path, default=Path(os.environ.get(DATA_ENV_VAR, DEFAULT_DATA_ROOT)),
                         help=f"folder of webdataset datasets (default: ${DATA_ENV_VAR}, else {DEFAULT_DATA_ROOT})")
 
-    parser.add_argument("--caption-set", default="flickr8k_1k/test",
-                        help="shard folder of image-caption pairs, relative to --data-root. Field 'txt' contains "
-                             "one caption a line (default: %(default)s)")
+    captions = parser.add_mutually_exclusive_group()
+    captions.add_argument("--caption-set", default="flickr8k_1k/test",
+                          help="shard folder of image-caption pairs, relative to --data-root. Field 'txt' contains "
+                               "one caption a line (default: %(default)s)")
+    captions.add_argument("--no-caption-set", dest="caption_set", action="store_const", const=None,
+                          help="train the projections on --label-set images and class prompts alone")
     parser.add_argument("--label-set", default="imagenette",
-                        help="labelled dataset relative to --data-root, with classnames.txt, "
+                        help="labelled dataset relative to --data-root (or an absolute path), with classnames.txt, "
                              "zeroshot_classification_templates.txt and a shard folder per split "
                              "(default: %(default)s)")
     parser.add_argument("--label-split", default="train",
@@ -684,6 +791,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the projection init, pair shuffling and template draws "
                              "(default: %(default)s)")
 
+    parser.add_argument("--teacher-cache", type=Path, default=None, metavar="DIR",
+                        help="also write the built teacher's embeddings of the --label-set images to DIR, in the "
+                             "layout of the train command's --teacher-cache: an align run on the same shards with "
+                             "this checkpoint and --teacher-cache DIR then skips the teacher's image tower for them. "
+                             "DIR must be empty or a cache of the same checkpoint file")
     parser.add_argument("--device", default="cpu",
                         help="torch device for the towers and training (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -707,6 +819,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Tuple[TeacherBuildConfig
         weight_decay=args.weight_decay,
         seed=args.seed,
         device=args.device,
+        teacher_cache=args.teacher_cache,
     )
     return cfg, args.log_level
 

@@ -292,3 +292,46 @@ def test_build_writes_loadable_checkpoint(teacher_data, tmp_path):
     assert image.shape == (1, 512)
     assert text.shape == (1, 512)
     assert torch.isfinite(image @ text.t()).all()
+
+
+@needs_weight_packages
+def test_build_without_captions_fills_teacher_cache(cifar_subset, tmp_path):
+    import open_clip
+
+    from open_clip_spiking.train.checkpoint import read_checkpoint_metadata
+    from open_clip_spiking.train.data import decode_image, sample_id
+    from open_clip_spiking.train.teacher_cache import TeacherCache, teacher_identity
+
+    output = tmp_path / "teacher" / f"{MODEL_NAME}.safetensors"
+    cache = tmp_path / "embeddings"
+    code = offline_teacher.main([
+        "--output", str(output), "--data-root", str(cifar_subset.parent), "--label-set", cifar_subset.name,
+        "--label-split", "test", "--no-caption-set", "--max-samples", "8", "--epochs", "1",
+        "--teacher-cache", str(cache), "--log-level", "WARNING",
+    ])
+
+    assert code == 0
+    args = read_checkpoint_metadata(output)["args"]
+    assert args["caption_set"] is None
+    assert args["caption_images"] == 0
+    assert args["captions"] == 0
+    assert args["label_images"] == 8
+
+    # The cache accepts the identity that an align run with this checkpoint computes, and holds, for the
+    # first 8 images, the embeddings that the loaded teacher gives them.
+    model, _, preprocess = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=str(output))
+    model.eval()  # as the align stages' build_teacher leaves it
+    teacher_cache = TeacherCache(str(cache), teacher_identity(MODEL_NAME, str(output), preprocess, "fp32"))
+    shard = cifar_subset / "test" / "0.tar"
+    keys = [f"s{index:07d}" for index in range(8)]
+    ids = [sample_id(str(shard), key) for key in keys]
+    assert sorted(teacher_cache.image_ids()) == ids
+    rows, missing = teacher_cache.image_embeddings(ids)
+    assert missing == []
+
+    with tarfile.open(shard) as archive:
+        images = torch.stack([preprocess(decode_image(archive.extractfile(f"{key}.jpg").read())) for key in keys])
+    with torch.no_grad():
+        expected = model.encode_image(images, normalize=True)
+    similarity = torch.nn.functional.cosine_similarity(torch.stack(rows), expected)
+    assert similarity.min() > 0.9999

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 import torch.nn as nn
 from spikingjelly.activation_based import neuron
+from tqdm import tqdm
 
 from .counting import OperationCounter
 from .report import CONVENTIONS, EnergyCosts, tower_report, write_figure, write_json, write_markdown
@@ -199,6 +200,7 @@ def _run_images(cfg: ProfileConfig, urls: List[str], models: List[_Profiled], ca
     for profiled in models:
         if _has_neurons(profiled.model):
             profiled.image_rates = FiringRateMonitor(profiled.model)
+    progress = tqdm(total=cfg.num_images, desc="energy profile", unit="img", dynamic_ncols=True)
     try:
         for batch in _image_batches(cfg, urls, transforms, tokenizers, skipped):
             for profiled in models:
@@ -207,8 +209,10 @@ def _run_images(cfg: ProfileConfig, urls: List[str], models: List[_Profiled], ca
                 if text_field in batch:
                     captions[profiled.name].append(batch[text_field])
             num_images += batch["size"]
+            progress.update(batch["size"])
             _logger.info("profiled %d of %d images", num_images, cfg.num_images)
     finally:
+        progress.close()
         for profiled in models:
             if profiled.image_rates is not None:
                 profiled.image_rates.close()

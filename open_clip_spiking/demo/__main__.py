@@ -1,0 +1,7 @@
+"""Command line: ``python -m open_clip_spiking.demo``."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
