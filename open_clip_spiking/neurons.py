@@ -93,7 +93,9 @@ def _recomputation(modules) -> Iterator[None]:
 
     The neurons start again from their reset state, as they did in the forward pass, and BatchNorm
     layers normalise with the batch statistics without adding them to their running statistics a
-    second time.
+    second time. The neurons are reset once more afterwards: their membrane state refers to the
+    recomputed graph, whose saved tensors backward never frees, so without the reset every
+    recomputed segment would stay in memory until the next forward pass.
     """
     norms = [m for module in modules for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     saved = [(norm.momentum, norm.num_batches_tracked.clone() if norm.num_batches_tracked is not None else None)
@@ -105,6 +107,8 @@ def _recomputation(modules) -> Iterator[None]:
     try:
         yield
     finally:
+        for module in modules:
+            functional.reset_net(module)
         for norm, (momentum, tracked) in zip(norms, saved):
             norm.momentum = momentum
             if tracked is not None:

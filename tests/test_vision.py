@@ -154,6 +154,19 @@ def test_grad_checkpointing_stores_fewer_activations():
     assert checkpointed < stored / 4, (checkpointed, stored)
 
 
+def test_grad_checkpointing_frees_recomputed_segments():
+    from spikingjelly.activation_based import neuron
+
+    torch.manual_seed(0)
+    model = timm.create_model("spikeclip_vit_t", num_classes=0)
+    model.set_grad_checkpointing(True)
+    model(torch.randn(4, 3, 32, 32)).square().sum().backward()
+    # A membrane state left over from a recomputation would keep that segment's activations alive.
+    states = [module.v for module in model.modules() if isinstance(module, neuron.BaseNode)]
+    assert states
+    assert not any(isinstance(v, torch.Tensor) for v in states)
+
+
 def test_open_clip_config_passes_timm_kwargs(tmp_path):
     import json
 
