@@ -19,6 +19,8 @@ RESULTS_ARGS ?=
 DEMO_ARGS ?=
 # Where the Debian package dataset-fashion-mnist installs Fashion-MNIST, and where the demo looks first.
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+# The demo's cache folder, as python -m open_clip_spiking.demo finds it without --cache-dir.
+DEMO_CACHE := $(or $(OPEN_CLIP_SPIKING_CACHE),$(or $(XDG_CACHE_HOME),$(HOME)/.cache)/open_clip_spiking)
 # apt-get runs through sudo for a user other than root, when sudo exists.
 SUDO := $(shell [ "$$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1 && echo sudo)
 
@@ -57,11 +59,14 @@ results: install
 speed: install
 	$(PY) benchmarks/speed.py --output benchmarks/SPEED.md --data-root $(DATA)
 
-# Installs Fashion-MNIST from Debian's dataset-fashion-mnist when it is missing and apt-get exists. Never
-# fails: without the package, the demo downloads the data with torchvision, or names the ways to get it.
+# Installs Fashion-MNIST from Debian's dataset-fashion-mnist when neither it nor the demo's shards exist and
+# apt-get exists. Never fails: without the package, the demo downloads the data with torchvision, or names
+# the ways to get it.
 fashion-mnist:
 	@if [ -f $(FASHION_MNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
 		echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
+	elif [ -f "$(DEMO_CACHE)/fashion_mnist/fashion_mnist.json" ]; then \
+		echo "Fashion-MNIST shards found in $(DEMO_CACHE)/fashion_mnist"; \
 	elif command -v apt-get >/dev/null 2>&1; then \
 		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; } \
 			|| echo "apt-get could not install dataset-fashion-mnist; the demo will try torchvision's download"; \

@@ -191,8 +191,9 @@ def test_failed_download_is_reported(tmp_path, monkeypatch):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
     monkeypatch.setattr(fashion_mnist, "_torchvision_download", offline_download)
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_DIR", tmp_path / "no-debian-package")
     with pytest.raises(fashion_mnist.DatasetUnavailableError) as error:
-        fashion_mnist.locate_idx_files(tmp_path / "missing", tmp_path / "download", allow_download=True)
+        fashion_mnist.locate_idx_files(None, tmp_path / "download", allow_download=True)
 
     message = str(error.value)
     assert "torchvision's download failed (RuntimeError: Error downloading train-images-idx3-ubyte.gz)" in message
@@ -234,10 +235,47 @@ def test_data_dir_must_have_clip_benchmark_layout(tmp_path, cifar_subset, capsys
 def test_hub_teacher_needs_pretrained(tmp_path, idx_dir, capsys):
     argv = ["--output-dir", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"),
             "--fashion-mnist-dir", str(idx_dir), "--teacher", "ViT-B-16"]
-    assert main(argv) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+
+    assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "--teacher ViT-B-16 needs --teacher-pretrained" in error
     assert "--teacher-pretrained openai" in error
+    # Rejected before the data stage writes any shard.
+    assert not (tmp_path / "cache").exists()
+
+
+def test_given_folder_is_never_replaced_by_download(tmp_path, monkeypatch):
+    def unexpected_download(folder):
+        raise AssertionError("torchvision's download must not run for --fashion-mnist-dir")
+
+    monkeypatch.setattr(fashion_mnist, "_torchvision_download", unexpected_download)
+    folder = tmp_path / "idx"
+    folder.mkdir()
+    with pytest.raises(fashion_mnist.DatasetUnavailableError) as error:
+        fashion_mnist.locate_idx_files(folder, tmp_path / "download", allow_download=True)
+
+    message = str(error.value)
+    assert f"--fashion-mnist-dir {folder} lacks train-images-idx3-ubyte.gz" in message
+    assert "apt-get install dataset-fashion-mnist" in message
+
+
+def test_shard_command_writes_dataset(tmp_path, idx_dir, capsys):
+    assert fashion_mnist.main(["--cache-dir", str(tmp_path), "--source-dir", str(idx_dir), "--no-download"]) == 0
+
+    assert capsys.readouterr().out.strip() == str(tmp_path / "fashion_mnist")
+    assert fashion_mnist.read_manifest(tmp_path / "fashion_mnist")["samples"] == {"train": NUM_TRAIN, "test": NUM_TEST}
+
+
+def test_invalid_stage_arguments_keep_reason():
+    from open_clip_spiking.train.config import parse_args
+
+    with pytest.raises(pipeline.StageFailed) as error:
+        pipeline.parse_stage_args(parse_args, ["--stage", "align"], "align", "python -m ...")
+
+    assert "the following arguments are required: --teacher, --output-dir" in str(error.value)
+    assert str(error.value).startswith("stage align: invalid arguments")
 
 
 def test_subset_dataset_copies_first_samples(tmp_path, cifar_subset):

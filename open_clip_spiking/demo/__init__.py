@@ -15,8 +15,6 @@ on Fashion-MNIST and reports what the student keeps of the teacher's accuracy at
 The output folder receives the stage checkpoints, ``results.json`` (every figure with the command that
 produced it), ``summary.png``, ``training.png``, the energy report and ``demo.log``. ``--data-dir``
 runs the same stages on other shards in the clip_benchmark layout, and ``--teacher`` with
-``--teacher-pretrained`` on another open_clip teacher.
+``--teacher-pretrained`` on another open_clip teacher. ``open_clip_spiking.demo.cli.main`` runs it from
+Python, and ``python -m open_clip_spiking.demo.fashion_mnist`` writes the shards alone.
 """
-from .cli import main
-
-__all__ = ["main"]

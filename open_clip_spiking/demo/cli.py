@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "stage folders in it are replaced")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help=f"folder for the Fashion-MNIST shards and the built teacher, kept between runs "
-                             f"(default: ${CACHE_ENV_VAR}, else ~/.cache/open_clip_spiking)")
+                             f"(default: ${CACHE_ENV_VAR}, else open_clip_spiking in $XDG_CACHE_HOME or ~/.cache)")
 
     data = parser.add_argument_group("data")
     sources = data.add_mutually_exclusive_group()
@@ -70,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget = parser.add_argument_group("budget (raise these to scale the run up)")
     budget.add_argument("--teacher-samples", type=positive_int, default=4000,
                         help="first training images, in shard order, whose frozen features train the offline "
-                             "teacher's projections. The build also stores the teacher's embeddings of them, and "
-                             "align reads the shards that contain them, so only images past this count (in a shard "
-                             "that the count covers in part) run through the teacher's image tower again. "
-                             "Fashion-MNIST shards hold 2,000 images")
+                             "teacher's projections. The build stores the teacher's embeddings of them for align: "
+                             "while --align-samples fits in the shards that contain them (2,000 images a "
+                             "Fashion-MNIST shard), align reads only those shards and skips the teacher's image "
+                             "tower for these images")
     budget.add_argument("--teacher-epochs", type=positive_int, default=20,
                         help="passes of the offline teacher's projection training over those cached features")
     budget.add_argument("--align-samples", type=positive_int, default=4000,
@@ -155,7 +155,6 @@ def run(args: argparse.Namespace, command: str) -> Dict[str, Any]:
         "output_dir": str(output_dir),
     }
     progress = pipeline.Progress(NUM_STAGES)
-    pipeline.environment_for_teacher(args.teacher)
     dataset = pipeline.prepare_data(args, progress)
     teacher = pipeline.prepare_teacher(args, dataset, progress)
     checkpoints = pipeline.train_student(args, dataset, teacher, progress, output_dir)
@@ -179,7 +178,7 @@ def run(args: argparse.Namespace, command: str) -> Dict[str, Any]:
         "training curves": str(report.write_training_figure(curves, output_dir / "training.png")),
         "energy per layer": measurements["energy"]["figure"],
         "student checkpoint": str(checkpoints["finetune"]),
-        "teacher checkpoint": teacher.pretrained,
+        "teacher weights": teacher.pretrained,
         "log": str(output_dir / LOG_FILE),
     }
     results["stages"] = pipeline.stage_records(progress)
@@ -196,7 +195,14 @@ def run(args: argparse.Namespace, command: str) -> Dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the demo from the command line and return a process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.teacher != pipeline.OFFLINE_TEACHER and args.teacher_pretrained is None:
+        parser.error(f"--teacher {args.teacher} needs --teacher-pretrained: an open_clip pretrained tag (for example "
+                     f"--teacher ViT-B-16 --teacher-pretrained openai) or a checkpoint path; only "
+                     f"{pipeline.OFFLINE_TEACHER} can be built by the demo")
+    # Before the first import of huggingface_hub, which reads these variables once.
+    pipeline.environment_for_teacher(args.teacher)
     if args.cache_dir is None:
         args.cache_dir = default_cache_dir()
     if args.device is None:

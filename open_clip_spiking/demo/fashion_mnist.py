@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import struct
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -126,36 +127,45 @@ def _torchvision_download(folder: Path) -> Path:
 def locate_idx_files(source_dir: Optional[Path], download_dir: Path, allow_download: bool) -> Path:
     """Return the folder that contains the four Fashion-MNIST idx files.
 
-    Looks in ``source_dir`` (the Debian package's folder when None), then in ``download_dir``, where an
-    earlier torchvision download puts them, and finally downloads them there with torchvision when
-    ``allow_download`` is set. Raises DatasetUnavailableError, naming every way to get the data, when
-    none of these works.
+    Looks in ``source_dir`` when given, and then only there. Otherwise it looks in the Debian package's
+    folder, then in ``download_dir``, where an earlier torchvision download puts them, and finally
+    downloads them there with torchvision when ``allow_download`` is set. Raises
+    DatasetUnavailableError, naming every way to get the data, when none of these works.
     """
-    searched = source_dir if source_dir is not None else DEBIAN_DIR
-    if _has_idx_files(searched):
-        return searched
+    if source_dir is not None:
+        if _has_idx_files(source_dir):
+            return source_dir
+        if source_dir.is_dir():
+            missing = [name for pair in IDX_FILES.values() for name in pair if not (source_dir / name).is_file()]
+            problem = f"--fashion-mnist-dir {source_dir} lacks {', '.join(missing)}"
+        else:
+            problem = f"--fashion-mnist-dir {source_dir} not found"
+        raise DatasetUnavailableError(f"Fashion-MNIST is not available: {problem}. {_ways_to_get_it()}")
+
+    if _has_idx_files(DEBIAN_DIR):
+        return DEBIAN_DIR
     downloaded = download_dir / "FashionMNIST" / "raw"
     if _has_idx_files(downloaded):
         return downloaded
-    if source_dir is not None and source_dir.exists():
-        missing = [name for pair in IDX_FILES.values() for name in pair if not (source_dir / name).is_file()]
-        problem = f"{source_dir} lacks {', '.join(missing)}"
-    else:
-        problem = f"{searched} not found"
+    problem = f"{DEBIAN_DIR} not found"
     if allow_download:
         _logger.info("%s; downloading Fashion-MNIST with torchvision into %s", problem, download_dir)
         try:
             return _torchvision_download(download_dir)
-        except (OSError, RuntimeError, ValueError) as error:
+        except (OSError, RuntimeError, ValueError, ImportError) as error:
             problem += f", and torchvision's download failed ({type(error).__name__}: {error})"
     else:
         problem += ", and the download is switched off (--no-download)"
-    raise DatasetUnavailableError(
-        f"Fashion-MNIST is not available: {problem}. Get it in one of three ways: install the Debian package "
-        f"(apt-get install {DEBIAN_PACKAGE}, which puts the idx files in {DEBIAN_DIR}); let torchvision download it "
-        f"(needs internet access; drop --no-download); or pass --data-dir with a folder of ready WebDataset shards "
-        f"in the clip_benchmark layout (train/ and test/ shards, {CLASSNAMES_FILE}, {TEMPLATES_FILE})"
-    )
+    raise DatasetUnavailableError(f"Fashion-MNIST is not available: {problem}. {_ways_to_get_it()}")
+
+
+def _ways_to_get_it() -> str:
+    return (f"Get it in one of four ways: install the Debian package (apt-get install {DEBIAN_PACKAGE}, which "
+            f"puts the idx files in {DEBIAN_DIR}); let torchvision download it (needs internet access, and no "
+            f"--no-download); pass --fashion-mnist-dir with a folder of the four idx files "
+            f"({', '.join(name for pair in IDX_FILES.values() for name in pair)}); or pass --data-dir with a folder "
+            f"of ready WebDataset shards in the clip_benchmark layout (train/ and test/ shards, {CLASSNAMES_FILE}, "
+            f"{TEMPLATES_FILE})")
 
 
 def _source_manifest(idx_dir: Path) -> Dict[str, str]:
@@ -257,3 +267,31 @@ def write_class_files(folder: Path, classnames: List[str] = CLASSNAMES, template
     """Write ``classnames.txt`` and ``zeroshot_classification_templates.txt``, one entry a line."""
     (folder / CLASSNAMES_FILE).write_text("\n".join(classnames) + "\n", encoding="utf-8")
     (folder / TEMPLATES_FILE).write_text("\n".join(templates) + "\n", encoding="utf-8")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Write the Fashion-MNIST shards from the command line, as the demo's data stage does."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m open_clip_spiking.demo.fashion_mnist",
+        description="Write Fashion-MNIST to WebDataset shards in the clip_benchmark layout, in CACHE_DIR/"
+                    f"{DATASET_NAME}, unless shards written from the same idx files are there already.",
+    )
+    parser.add_argument("--cache-dir", type=Path, required=True, help=f"folder that receives {DATASET_NAME}/")
+    parser.add_argument("--source-dir", type=Path, default=None,
+                        help=f"folder with the four idx files (default: {DEBIAN_DIR}, else torchvision's download)")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading with torchvision")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        folder = prepare_dataset(args.cache_dir, args.source_dir, allow_download=not args.no_download)
+    except (DatasetUnavailableError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -6,6 +6,8 @@ recorded command reruns the stage by hand. Only logging differs: the demo sends 
 records to ``demo.log`` in the output folder and keeps the terminal for progress bars and warnings.
 """
 import argparse
+import contextlib
+import io
 import json
 import logging
 import os
@@ -106,12 +108,13 @@ class Progress:
         try:
             yield record
         except StageFailed:
-            raise
-        except (ValueError, FileNotFoundError, ImportError, RuntimeError, OSError) as error:
             # The traceback goes to demo.log only: the terminal handler shows warnings and errors.
             _logger.info("stage %s raised", name, exc_info=True)
+            raise
+        except (ValueError, KeyError, FileNotFoundError, ImportError, RuntimeError, OSError, tarfile.TarError) as error:
+            _logger.info("stage %s raised", name, exc_info=True)
             command = f" (command: {record.command})" if record.command else ""
-            raise StageFailed(f"stage {name} failed: {error}{command}") from error
+            raise StageFailed(f"stage {name} failed: {type(error).__name__}: {error}{command}") from error
         if record.status == "ran":
             record.wall_s = round(time.monotonic() - started, 1)
             say(f"      {name} done in {format_duration(record.wall_s)}")
@@ -158,7 +161,7 @@ def prepare_data(args: argparse.Namespace, progress: Progress) -> Dataset:
     cache_dir = args.cache_dir.resolve()
     with progress.stage("data", f"Fashion-MNIST as WebDataset shards in {cache_dir / fashion_mnist.DATASET_NAME}") \
             as record:
-        record.command = "open_clip_spiking.demo.fashion_mnist.prepare_dataset"
+        record.command = shell_command("open_clip_spiking.demo.fashion_mnist", fashion_mnist_argv(args, cache_dir))
         existing = fashion_mnist.read_manifest(cache_dir / fashion_mnist.DATASET_NAME)
         folder = fashion_mnist.prepare_dataset(cache_dir, args.fashion_mnist_dir, allow_download=not args.no_download)
         manifest = fashion_mnist.read_manifest(folder)
@@ -167,6 +170,16 @@ def prepare_data(args: argparse.Namespace, progress: Progress) -> Dataset:
             say(f"      reusing the shards written from {manifest['source']}")
         return _describe_dataset(folder, fashion_mnist.DATASET_NAME, "Fashion-MNIST", source=manifest["source"],
                                  manifest=manifest)
+
+
+def fashion_mnist_argv(args: argparse.Namespace, cache_dir: Path) -> List[str]:
+    """Arguments of ``python -m open_clip_spiking.demo.fashion_mnist`` that write the demo's shards."""
+    argv = ["--cache-dir", str(cache_dir)]
+    if args.fashion_mnist_dir is not None:
+        argv += ["--source-dir", str(args.fashion_mnist_dir)]
+    if args.no_download:
+        argv.append("--no-download")
+    return argv
 
 
 def _describe_dataset(folder: Path, name: str, title: str, source: str,
@@ -198,18 +211,22 @@ def subset_dataset(dataset: Dataset, count: int, target: Path) -> Path:
     """
     if count >= dataset.test_samples:
         return dataset.folder
-    from ..train.data import expand_urls
+    from ..train.data import _split_member_name
 
     shutil.rmtree(target, ignore_errors=True)
     (target / "test").mkdir(parents=True)
+    # The shards that clip_benchmark reads: test/0.tar to test/N-1.tar for N in nshards.txt.
+    num_shards = int((dataset.folder / "test" / "nshards.txt").read_text(encoding="utf-8").strip())
+    urls = [dataset.folder / "test" / f"{index}.tar" for index in range(num_shards)]
     keys: List[str] = []
-    with tarfile.open(target / "test" / "0.tar", "w", format=tarfile.USTAR_FORMAT) as writer:
-        for url in expand_urls(str(dataset.folder / "test")):
+    with tarfile.open(target / "test" / "0.tar", "w", format=tarfile.GNU_FORMAT) as writer:
+        for url in urls:
             with tarfile.open(url) as reader:
                 for member in reader:
-                    if not member.isfile():
+                    parts = _split_member_name(member.name) if member.isfile() else None
+                    if parts is None:
                         continue
-                    key = member.name.split(".", 1)[0]
+                    key = parts[0]
                     if not keys or keys[-1] != key:
                         if len(keys) == count:
                             break
@@ -275,7 +292,7 @@ def prepare_teacher(args: argparse.Namespace, dataset: Dataset, progress: Progre
     output = folder / f"{OFFLINE_TEACHER}.safetensors"
     cache = folder / "embeddings"
     argv = _teacher_build_argv(args, dataset, output, cache)
-    key = {"argv": argv, "data": dataset.manifest["sha256"] if dataset.manifest else str(dataset.folder)}
+    key = {"argv": argv, "data": dataset.manifest["sha256"] if dataset.manifest else _shard_stamps(dataset.folder)}
     previous = _read_json(folder / TEACHER_RECORD)
     description = (f"{OFFLINE_TEACHER}, projections trained on {args.teacher_samples:,} {dataset.title} training "
                    f"images with class prompts")
@@ -299,6 +316,16 @@ def prepare_teacher(args: argparse.Namespace, dataset: Dataset, progress: Progre
         (folder / TEACHER_RECORD).write_text(json.dumps(build, indent=2) + "\n", encoding="utf-8")
         return Teacher(OFFLINE_TEACHER, str(output), "built", sha256=build["sha256"], build=build, cache=cache,
                        cached_shards=shards)
+
+
+def _shard_stamps(folder: Path) -> List[List[Any]]:
+    """Name, size and modification time of each training shard and class file, so that a dataset folder
+    changed in place rebuilds the teacher."""
+    from ..train.data import expand_urls
+
+    paths = [Path(url) for url in expand_urls(str(folder / "train"))]
+    paths += [folder / CLASSNAMES_FILE, folder / TEMPLATES_FILE]
+    return [[str(path), path.stat().st_size, path.stat().st_mtime_ns] for path in paths]
 
 
 def shards_covering(folder: Path, count: int) -> List[str]:
@@ -326,10 +353,7 @@ def run_training(progress: Progress, stage: str, description: str, argv: List[st
     runners = {"align": align.run, "align-text": align_text.run, "finetune": finetune.run}
     with progress.stage(stage, description) as record:
         record.command = shell_command("open_clip_spiking.train", argv)
-        try:
-            cfg = parse_args(argv)
-        except SystemExit as error:  # argparse has printed the reason
-            raise StageFailed(f"stage {stage}: invalid arguments (exit code {error.code}): {record.command}") from None
+        cfg = parse_stage_args(parse_args, argv, stage, record.command)
         # The trainer appends to metrics.jsonl, so an earlier demo run's records would mix in.
         shutil.rmtree(cfg.output_dir, ignore_errors=True)
         try:
@@ -338,6 +362,19 @@ def run_training(progress: Progress, stage: str, description: str, argv: List[st
             raise StageFailed(f"stage {stage} failed: {error} (command: {record.command})") from error
         prune_run(Path(cfg.output_dir))
         return metrics
+
+
+def parse_stage_args(parse: Any, argv: List[str], stage: str, command: str) -> Any:
+    """Parse a stage's arguments with its own parser; argparse's reason for rejecting them goes into the
+    StageFailed message instead of only to stderr."""
+    reason = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(reason):
+            return parse(argv)
+    except SystemExit:
+        message = reason.getvalue().strip().splitlines()
+        raise StageFailed(f"stage {stage}: invalid arguments ({message[-1] if message else 'no reason given'}): "
+                          f"{command}") from None
 
 
 def prune_run(run_dir: Path) -> None:
@@ -367,9 +404,14 @@ def train_student(args: argparse.Namespace, dataset: Dataset, teacher: Teacher, 
 
     align_data = ["--train-data", train_data]
     if teacher.cache is not None:
-        # The teacher build stored its embeddings of these shards' first images, so align reads them
-        # instead of running the teacher's image tower a second time.
-        align_data = ["--train-data", "::".join(teacher.cached_shards), "--teacher-cache", str(teacher.cache)]
+        # The teacher build stored its embeddings of the first training images. When they cover the
+        # align budget, align reads only their shards, so the teacher's image tower does not run again;
+        # otherwise align reads every shard and the cache serves the images it contains.
+        from ..train.data import count_samples
+
+        align_data.extend(["--teacher-cache", str(teacher.cache)])
+        if args.align_samples <= count_samples(teacher.cached_shards):
+            align_data[1] = "::".join(teacher.cached_shards)
     run_training(progress, "align",
                  f"student image and text embeddings towards the teacher's, {args.align_samples:,} images",
                  ["--stage", "align", *common, *align_data, "--classnames", classes,
@@ -455,7 +497,7 @@ def run_energy(progress: Progress, argv: List[str]) -> Dict[str, Any]:
     with progress.stage("energy", "accumulates, multiply-accumulates and energy per image, student and teacher") \
             as record:
         record.command = command
-        cfg, _ = parse_args(argv)
+        cfg, _ = parse_stage_args(parse_args, argv, "energy", command)
         report = run_profile(cfg, command)
     return report
 
@@ -465,10 +507,15 @@ def evaluate(args: argparse.Namespace, dataset: Dataset, teacher: Teacher, check
     """Score teacher and student with clip_benchmark, profile their energy and return the measurements."""
     student_images = min(args.eval_samples or dataset.test_samples, dataset.test_samples)
     teacher_images = min(args.teacher_eval_samples or student_images, student_images)
-    roots = {
-        "student": subset_dataset(dataset, student_images, output_dir / "eval-data" / f"first-{student_images}"),
-        "teacher": subset_dataset(dataset, teacher_images, output_dir / "eval-data" / f"first-{teacher_images}"),
-    }
+    try:
+        roots = {
+            "student": subset_dataset(dataset, student_images, output_dir / "eval-data" / f"first-{student_images}"),
+            "teacher": subset_dataset(dataset, teacher_images, output_dir / "eval-data" / f"first-{teacher_images}"),
+        }
+    except (OSError, ValueError, tarfile.TarError) as error:
+        _logger.info("copying the test images failed", exc_info=True)
+        raise StageFailed(f"copying the first test images of {dataset.folder / 'test'} for clip_benchmark failed: "
+                          f"{type(error).__name__}: {error}") from error
     runs = [
         ("teacher", teacher.model, teacher.pretrained, teacher_images),
         ("student_zero_shot", args.student, str(checkpoints["align-text"]), student_images),
