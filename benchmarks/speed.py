@@ -48,6 +48,7 @@ import logging
 import os
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def real_images(data_root: Path, count: int, size: int) -> torch.Tensor:
 
     shard = data_root / "cifar10_jpeg" / "train" / "0.tar"
     if not shard.is_file():
-        raise FileNotFoundError(f"{shard} not found; pass --data-root, the folder that holds cifar10_jpeg, or set "
+        raise FileNotFoundError(f"{shard} not found; pass --data-root, the folder that contains cifar10_jpeg, or set "
                                 f"{DATA_ENV_VAR}")
     images = []
     for sample in iter_shard(str(shard)):
@@ -318,9 +319,9 @@ def measure_teacher_cache(args) -> Dict[str, Any]:
     epoch_s: Dict[str, List[float]] = {}
     for label, extra in (("without_cache", []), ("with_cache", ["--teacher-cache", str(work / "teacher_cache")])):
         output = work / f"align_{label}"
-        for path in (output, work / "teacher_cache") if label == "with_cache" else (output,):
-            if path.exists():
-                subprocess.run(["rm", "-rf", str(path)], check=True)
+        shutil.rmtree(output, ignore_errors=True)
+        if label == "with_cache":
+            shutil.rmtree(work / "teacher_cache", ignore_errors=True)
         steps = -(-images // args.cache_batch_size)
         command = [sys.executable, "-m", "open_clip_spiking.train", "--stage", "align", "--model", "spikeclip-vit-s",
                    "--teacher", "ViT-B-16", "--teacher-pretrained", str(teacher_file), "--train-data", str(shard),
@@ -508,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "benchmarks" / "SPEED.md",
                         help="Markdown page; speed.json goes beside it")
     parser.add_argument("--data-root", type=Path, default=Path(os.environ.get(DATA_ENV_VAR, DEFAULT_DATA_ROOT)),
-                        help="folder that holds cifar10_jpeg and imagenette")
+                        help="folder that contains cifar10_jpeg and imagenette")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "runs" / "speed",
                         help="scratch folder for the align runs")
     parser.add_argument("--model", default="spikeclip_vit_s", help="timm name of the spiking tower")
@@ -539,8 +540,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = torch.device(args.device)
     # A fresh inductor cache, so that "compile s" is the cost of a first compilation on this machine.
     inductor_cache = args.work_dir / "inductor-cache"
-    if inductor_cache.exists():
-        subprocess.run(["rm", "-rf", str(inductor_cache)], check=True)
+    shutil.rmtree(inductor_cache, ignore_errors=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_cache)
     results: Dict[str, Any] = {
         "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:] if argv is None else argv),

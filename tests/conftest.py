@@ -1,5 +1,6 @@
 """Shared fixtures: the real data folder, a tiny open_clip teacher and registration."""
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -97,3 +98,19 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def isolated_logging_and_env(monkeypatch):
+    """Undo the logging set-up and the hub variables of a command's main() after the test.
+
+    main() points the root logger at the captured stderr of one test, and sets HF_HUB_OFFLINE and
+    TRANSFORMERS_OFFLINE. They are set here first, so that monkeypatch removes them afterwards.
+    """
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -7,7 +7,6 @@ import gzip
 import importlib.util
 import io
 import json
-import logging
 import struct
 import tarfile
 from pathlib import Path
@@ -23,16 +22,7 @@ NUM_TRAIN = 96
 NUM_TEST = 48
 
 
-@pytest.fixture(autouse=True)
-def restore_logging_and_env(monkeypatch):
-    """Keep the demo's HF_HUB_OFFLINE setting and its logging set-up out of later tests."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("isolated_logging_and_env")
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:
@@ -126,7 +116,8 @@ def test_demo_end_to_end_tiny(tmp_path, idx_dir, tiny_teacher, single_thread, ca
 
     energy = results["energy"]
     assert energy["num_images"] == 8
-    assert 0 < energy["student_mj"] and 0 < energy["teacher_mj"]
+    assert energy["student_mj"] > 0
+    assert energy["teacher_mj"] > 0
     assert energy["ratio"] == pytest.approx(energy["student_mj"] / energy["teacher_mj"])
 
     for figure in ("summary.png", "training.png", "energy/energy.png"):
@@ -224,7 +215,7 @@ def test_reads_debian_package():
 
 
 def test_data_dir_must_have_clip_benchmark_layout(tmp_path, cifar_subset, capsys):
-    # cifar_subset holds test shards and the class files, but no train/ split.
+    # cifar_subset contains test shards and the class files, but no train/ split.
     argv = ["--output-dir", str(tmp_path / "out"), "--data-dir", str(cifar_subset)]
     assert main(argv) == 2
     error = capsys.readouterr().err

@@ -2,7 +2,6 @@
 import argparse
 import importlib.util
 import json
-import logging
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,7 @@ def results_script():
     return module
 
 
-@pytest.fixture(autouse=True)
-def isolated_logging_and_env(monkeypatch):
-    """Undo the script's logging set-up, which points the root logger at the captured stderr of one test.
-
-    The two variables that main() sets are set here, so that monkeypatch removes them afterwards.
-    """
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+pytestmark = pytest.mark.usefixtures("isolated_logging_and_env")
 
 
 def _tiny_argv(tmp_path, wds_root, tiny_teacher, *extra):

@@ -77,15 +77,18 @@ def test_cache_survives_a_restart_and_merges_ranks(tmp_path):
     rank0.add_images(["a.tar::0", "a.tar::1"], torch.eye(2, 4))
     rank1.add_images(["b.tar::0"], torch.ones(1, 4))
     rank1.add_texts(["a photo of a cat"], torch.full((1, 4), 0.5))
-    assert rank0.flush() == 2 and rank1.flush() == 2
+    assert rank0.flush() == 2
+    assert rank1.flush() == 2
     assert rank0.refresh() == 2  # rank 1's two chunks
 
     reopened = TeacherCache(str(tmp_path), identity)
     rows, missing = reopened.image_embeddings(["a.tar::1", "c.tar::9", "b.tar::0"])
     assert missing == [1]
-    assert torch.equal(rows[0], torch.eye(2, 4)[1]) and torch.equal(rows[2], torch.ones(4))
+    assert torch.equal(rows[0], torch.eye(2, 4)[1])
+    assert torch.equal(rows[2], torch.ones(4))
     rows, missing = reopened.text_embeddings(["a photo of a cat"])
-    assert missing == [] and torch.equal(rows[0], torch.full((4,), 0.5))
+    assert missing == []
+    assert torch.equal(rows[0], torch.full((4,), 0.5))
     # Nothing new, nothing written.
     assert reopened.flush() == 0
 

@@ -197,10 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.teacher != pipeline.OFFLINE_TEACHER and args.teacher_pretrained is None:
-        parser.error(f"--teacher {args.teacher} needs --teacher-pretrained: an open_clip pretrained tag (for example "
-                     f"--teacher ViT-B-16 --teacher-pretrained openai) or a checkpoint path; only "
-                     f"{pipeline.OFFLINE_TEACHER} can be built by the demo")
+    problem = pipeline.teacher_arguments_problem(args)
+    if problem:
+        parser.error(problem)
     # Before the first import of huggingface_hub, which reads these variables once.
     pipeline.environment_for_teacher(args.teacher)
     if args.cache_dir is None:

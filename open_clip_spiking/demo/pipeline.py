@@ -17,7 +17,6 @@ import sys
 import tarfile
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence
@@ -96,7 +95,7 @@ class Progress:
         self.total = total
         self.records: List[StageRecord] = []
 
-    @contextmanager
+    @contextlib.contextmanager
     def stage(self, name: str, description: str) -> Iterator[StageRecord]:
         """Announce a stage, time it, and turn the errors of its entry point into StageFailed."""
         number = len(self.records) + 1
@@ -122,10 +121,6 @@ class Progress:
 
 
 # --- data ------------------------------------------------------------------------------------------
-
-def _read_lines(path: Path) -> List[str]:
-    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
 
 def _count_samples(folder: Path) -> int:
     from ..train.data import count_samples, expand_urls
@@ -265,6 +260,15 @@ def _read_json(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
+def teacher_arguments_problem(args: argparse.Namespace) -> Optional[str]:
+    """Return why ``--teacher`` and ``--teacher-pretrained`` cannot work together, or None when they can."""
+    if args.teacher == OFFLINE_TEACHER or args.teacher_pretrained is not None:
+        return None
+    return (f"--teacher {args.teacher} needs --teacher-pretrained: an open_clip pretrained tag (for example "
+            f"--teacher ViT-B-16 --teacher-pretrained openai) or a checkpoint path; only {OFFLINE_TEACHER} can be "
+            f"built by the demo")
+
+
 def prepare_teacher(args: argparse.Namespace, dataset: Dataset, progress: Progress) -> Teacher:
     """Return the teacher: ``--teacher-pretrained`` as given, or the offline teacher, built when not cached.
 
@@ -279,12 +283,9 @@ def prepare_teacher(args: argparse.Namespace, dataset: Dataset, progress: Progre
             path = Path(args.teacher_pretrained)
             return Teacher(args.teacher, args.teacher_pretrained, "given",
                            sha256=sha256(path) if path.is_file() else None)
-    if args.teacher != OFFLINE_TEACHER:
-        raise StageFailed(
-            f"--teacher {args.teacher} needs --teacher-pretrained: an open_clip pretrained tag (for example "
-            f"--teacher ViT-B-16 --teacher-pretrained openai) or a checkpoint path; only {OFFLINE_TEACHER} can be "
-            f"built by the demo"
-        )
+    problem = teacher_arguments_problem(args)
+    if problem:
+        raise StageFailed(problem)
 
     from .. import offline_teacher
 
@@ -405,8 +406,8 @@ def train_student(args: argparse.Namespace, dataset: Dataset, teacher: Teacher, 
     align_data = ["--train-data", train_data]
     if teacher.cache is not None:
         # The teacher build stored its embeddings of the first training images. When they cover the
-        # align budget, align reads only their shards, so the teacher's image tower does not run again;
-        # otherwise align reads every shard and the cache serves the images it contains.
+        # align budget, align reads only their shards, so the teacher's image tower does not run again.
+        # Otherwise align reads every shard, and the cache serves the images it contains.
         from ..train.data import count_samples
 
         align_data.extend(["--teacher-cache", str(teacher.cache)])
@@ -443,7 +444,7 @@ def train_student(args: argparse.Namespace, dataset: Dataset, teacher: Teacher, 
 
 # --- evaluation ------------------------------------------------------------------------------------
 
-@contextmanager
+@contextlib.contextmanager
 def _argv(argv: List[str]) -> Iterator[None]:
     saved = sys.argv
     sys.argv = argv

@@ -63,8 +63,8 @@ def summary_text(results: Dict[str, Any]) -> str:
     ]
     output_dir = Path(results["output_dir"])
     for label, path in results["outputs"].items():
-        # Relative to the output folder when inside it, such as the checkpoints; absolute otherwise, such
-        # as the teacher in the cache folder or a tag such as "openai".
+        # A path inside the output folder, such as a checkpoint, is shown relative to it. Anything else is
+        # shown as given: the teacher in the cache folder, or a tag such as "openai".
         inside = Path(path).is_absolute() and Path(path).is_relative_to(output_dir)
         lines.append(f"  {label}: {Path(path).relative_to(output_dir) if inside else path}")
     return "\n".join(lines)

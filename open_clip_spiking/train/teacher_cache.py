@@ -78,7 +78,7 @@ class TeacherCache:
         if changed:
             detail = "; ".join(f"{key}: cached {saved.get(key)!r}, now {self.identity[key]!r}" for key in changed)
             raise ValueError(
-                f"--teacher-cache {self.folder} holds embeddings of another teacher setup ({detail}); pass "
+                f"--teacher-cache {self.folder} contains embeddings of another teacher setup ({detail}); pass "
                 f"another --teacher-cache folder, or delete this one to rebuild it"
             )
 
